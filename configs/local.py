@@ -1,0 +1,26 @@
+# The offline demo: a small pico-decoder on the embedded corpus (the Python standard library's
+# own source, one byte per token), built on first use. A few minutes on 2 CPU cores.
+#   python train.py configs/local.py
+data.dataset.name = "builtin:stdlib-bytes"
+data.tokenizer.name = "bytes"
+data.tokenizer.vocab_size = 257
+data.dataloader.batch_size = 32
+
+model.vocab_size = 257  # 256 byte values and an end-of-document id
+model.max_seq_len = 256
+model.d_model = 128
+model.n_layers = 4
+model.attention_n_heads = 4
+model.attention_n_kv_heads = 2
+model.activation_hidden_dim = 512
+
+training.max_steps = 400
+training.optimization.lr = 2e-3
+training.optimization.lr_warmup_steps = 20
+training.optimization.max_grad_norm = 1.0
+
+checkpointing.run_name = "local"
+checkpointing.save_every_n_steps = 100
+checkpointing.learning_dynamics.eval_data = None
+evaluation.metrics = []
+monitoring.logging.log_every_n_steps = 10

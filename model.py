@@ -1,0 +1,256 @@
+"""The pico-decoder: a LLaMA-style decoder-only transformer.
+
+Pre-norm residual blocks of grouped-query attention and a SwiGLU MLP, RMSNorm computed in
+float32, rotary position embeddings on interleaved pairs, untied input and output embeddings,
+no biases. Module names and initialisation are pico-train's, so a run here is the same model as
+the published pico-decoder suite and pico-analyze finds the layers it looks for.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768
+    n_layers: int = 12
+    attention_n_heads: int = 12
+    attention_n_kv_heads: int = 4
+    activation_hidden_dim: int = 3072
+    vocab_size: int = 50304
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-6
+    position_emb_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention_n_heads
+
+    def problems(self) -> list[str]:
+        """What makes this shape impossible, as 'key=value: expected ...' strings."""
+        found = []
+        for name in ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_heads",
+                     "activation_hidden_dim", "vocab_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                found.append(f"model.{name}={getattr(self, name)}: expected a positive integer")
+        if found:
+            return found
+        if self.d_model % self.attention_n_heads:
+            found.append(f"model.d_model={self.d_model}: expected a multiple of "
+                         f"model.attention_n_heads={self.attention_n_heads}")
+        elif self.head_dim % 2:
+            found.append(f"model.d_model={self.d_model}: expected d_model / attention_n_heads "
+                         f"to be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.attention_n_heads % self.attention_n_kv_heads:
+            found.append(f"model.attention_n_heads={self.attention_n_heads}: expected a multiple "
+                         f"of model.attention_n_kv_heads={self.attention_n_kv_heads}")
+        return found
+
+
+# The pico-decoder suite (pico-train's recipe): only the width changes.
+SUITE = {
+    "tiny": dict(d_model=96, activation_hidden_dim=384),
+    "small": dict(d_model=384, activation_hidden_dim=1536),
+    "medium": dict(d_model=768, activation_hidden_dim=3072),
+    "large": dict(d_model=1536, activation_hidden_dim=6144),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even under bf16 autocast: the mean of squares loses too much
+        # precision in bf16. Cast back before the weight, as pico-train and transformers do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle, [max_seq_len, head_dim / 2], in float32."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.position_emb_theta ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.outer(torch.arange(config.max_seq_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim].
+
+    Real arithmetic rather than complex tensors, so torch.compile builds one graph; float32,
+    as pico-train computes it, so bf16 positions far into the sequence stay accurate.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim/2]: broadcast over heads
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list = [None] * n_layers
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.attention_n_heads
+        self.n_kv_heads = config.attention_n_kv_heads
+        self.head_dim = config.head_dim
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        n_past = 0
+        if kv_cache is not None:
+            past = kv_cache.layers[layer_idx]
+            if past is not None:
+                n_past = past[0].shape[1]
+                k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)
+            kv_cache.layers[layer_idx] = (k, v)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.n_kv_heads != self.n_heads:
+            # Repeat each KV head for its group of query heads. SDPA's enable_gqa would skip
+            # the copy but rules out the memory-efficient and cuDNN kernels; the copy is small.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+        if n_past == 0:
+            # No mask tensor: is_causal lets SDPA pick the flash or memory-efficient kernel.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # One new token attends to everything cached: no mask at all.
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # Several new tokens after a cache: is_causal would align the mask top-left, so
+            # build the bottom-right causal mask explicitly.
+            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(n_past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_0 = nn.Linear(config.d_model, config.activation_hidden_dim, bias=False)  # gate
+        self.w_1 = nn.Linear(config.d_model, config.activation_hidden_dim, bias=False)  # up
+        self.w_2 = nn.Linear(config.activation_hidden_dim, config.d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
+
+
+class PicoDecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = Attention(config)
+        self.swiglu_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.swiglu = SwiGLU(config)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer_idx=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, layer_idx)
+        return x + self.swiglu(self.swiglu_norm(x))
+
+
+class PicoDecoder(nn.Module):
+    # Parameters keep PyTorch's default initialisation (nn.Linear: Kaiming-uniform, nn.Embedding:
+    # N(0, 1), norms: 1), exactly as pico-train builds the published suite.
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(PicoDecoderBlock(config) for _ in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Not persistent: derived from the config, so checkpoints carry only real weights.
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, labels=None, *, kv_cache: KVCache | None = None):
+        """logits [B, T, vocab], and the mean cross-entropy against labels (no shift here:
+        labels[:, t] is the token to predict at position t; -100 is ignored)."""
+        start = 0 if kv_cache is None else kv_cache.seq_len
+        T = input_ids.shape[1]
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
+                             f"{self.config.max_seq_len}")
+        cos = self.rope_cos[start:start + T].float()
+        sin = self.rope_sin[start:start + T].float()
+        x = self.embedding_proj(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache, i)
+        logits = self.de_embedding_proj(self.output_norm(x))
+        loss = None
+        if labels is not None:
+            # float32 for the softmax: bf16 logits would round the loss the model is graded on.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None):
+        """Append max_new_tokens tokens to input_ids [B, T]: one prefill pass over the prompt,
+        then one token per step against the KV-cache. temperature=0 is greedy."""
+        if input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens="
+                             f"{max_new_tokens} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cache = KVCache(self.config.n_layers)
+        logits, _ = self(input_ids, kv_cache=cache)
+        out = input_ids
+        for i in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = next_logits.argmax(-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(next_logits, min(top_k, next_logits.shape[-1])).values[:, -1:]
+                    next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
+                next_token = torch.multinomial(next_logits.softmax(-1), 1)
+            out = torch.cat((out, next_token), dim=1)
+            if i + 1 < max_new_tokens:
+                logits, _ = self(next_token, kv_cache=cache)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None) -> "PicoDecoder":
+        """Load a checkpoint written by checkpoint.py (a Hugging Face Llama export)."""
+        import checkpoint  # checkpoint.py owns every on-disk format; it imports this module
+
+        return checkpoint.load_pretrained(path_or_repo_id, revision=revision)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding_proj.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+        6 per weight that multiplies (the embedding lookup does not), plus attention scores."""
+        c = self.config
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layers * c.d_model * seq_len

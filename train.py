@@ -1,0 +1,637 @@
+"""Train a pico-decoder: the config, then the training loop.
+
+    python train.py configs/local.py [--training.max_steps=100 ...]
+
+Re-running the same command resumes from runs/RUN/checkpoints/latest; SIGTERM or Ctrl-C saves a
+checkpoint at the current step and exits 0. See README.md for the config reference.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import checkpoint
+import data
+from model import ModelConfig, PicoDecoder
+
+# ---------------------------------------------------------------------------------------------
+# Config: dataclass sections with pico-train's names and defaults (its recipe: global batch
+# 1024 x 2048 tokens, AdamW 3e-4, 2,500 warm-up steps, linear decay to 0 at 200,000 steps).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetConfig:
+    # A local directory of Parquet shards, or "builtin:stdlib-bytes" (the offline corpus).
+    name: str = "pico-lm/pretokenized-dolma"
+
+
+@dataclass
+class DataLoaderConfig:
+    batch_size: int = 1024  # the GLOBAL batch, in sequences, summed over ranks and micro-steps
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "allenai/OLMo-7B-0724-hf"  # what made the token ids; the trainer never runs it
+    vocab_size: int = 50304
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Shuffles the rows of the embedded corpus when it is built. The order of Parquet shards
+    # (pretokenized-dolma, local directories) is fixed by their files and never shuffled.
+    seed: int = 0
+
+
+@dataclass
+class OptimizationConfig:
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    lr_scheduler: str = "linear_with_warmup"  # or "cosine_with_warmup"; both decay to 0
+    lr_warmup_steps: int = 2500
+    weight_decay: float = 0.01  # PyTorch's AdamW default, as pico-train uses it
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None  # gradient clipping; None: off, as in pico-train
+
+
+@dataclass
+class TrainingConfig:
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    max_steps: int = 200_000
+    seed: int = 42  # the model's initialisation; the data order depends on no seed
+    device: str = "auto"  # "auto": CUDA, else MPS, else CPU
+    precision: str = "auto"  # "bf16-mixed" or "32"; auto: bf16-mixed on CUDA, else 32
+    compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
+
+
+@dataclass
+class TrainingCheckpointingConfig:
+    auto_resume: bool = True
+
+
+@dataclass
+class HuggingFaceCheckpointingConfig:
+    repo_id: str = ""
+    collection_slug: str | None = None
+
+
+@dataclass
+class LearningDynamicsCheckpointingConfig:
+    layer_suffixes: list[str] = field(
+        default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
+    sequence_idx: int = -1
+    batch_size: int = 8
+    eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
+
+
+@dataclass
+class CheckpointingConfig:
+    run_name: str | None = None  # None: a timestamp (which never resumes)
+    runs_dir: str = "runs"
+    save_every_n_steps: int = 1000
+    save_to_hf: bool = False
+    hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
+    training: TrainingCheckpointingConfig = field(default_factory=TrainingCheckpointingConfig)
+    learning_dynamics: LearningDynamicsCheckpointingConfig = field(
+        default_factory=LearningDynamicsCheckpointingConfig)
+
+
+@dataclass
+class PalomaEvaluationConfig:
+    dataset_name: str = "pico-lm/pretokenized-paloma-tinsy"
+    dataset_split: str = "val"
+    max_length: int = 2048
+    batch_size: int = 16
+
+
+@dataclass
+class EvaluationConfig:
+    metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
+    paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+
+
+@dataclass
+class LoggingConfig:
+    log_level: str = "INFO"
+    log_every_n_steps: int = 100
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""
+    entity: str = ""
+
+
+@dataclass
+class MonitoringConfig:
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    save_to_wandb: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+# pico-train keys with no meaning here: a pico-train YAML that sets them gets one warning each.
+PICO_TRAIN_ONLY = {
+    "training.fabric": "has no meaning under torchrun (launch with torchrun; see README)",
+    "model.model_type": "the pico-decoder is the only model",
+    "model.batch_size": "the batch is data.dataloader.batch_size",
+    "checkpointing.checkpoints_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.logs_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.fabric_checkpoint_dir": "checkpoints are plain PyTorch files",
+    "checkpointing.fabric_checkpoint_filename": "checkpoints are plain PyTorch files",
+    "checkpointing.learning_dynamics_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.evaluation": "the run directory layout is fixed (see README)",
+    "monitoring.save_to_picolabs": "Pico Labs reporting is not supported",
+    "monitoring.pico_report": "Pico Labs reporting is not supported",
+}
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key, the value and what was expected."""
+
+
+def _field_names(section) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+class _Section:
+    """A config section as a Python config file sees it: a misspelled name is an error."""
+
+    def __init__(self, section, path: str):
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name):
+        if name not in _field_names(self._section):
+            raise ConfigError(f"{self._path}.{name} is not a config key; expected one of "
+                              f"{', '.join(_field_names(self._section))}")
+        value = getattr(self._section, name)
+        return _Section(value, f"{self._path}.{name}") if dataclasses.is_dataclass(value) else value
+
+    def __setattr__(self, name, value):
+        if name not in _field_names(self._section):
+            raise ConfigError(f"{self._path}.{name} is not a config key; expected one of "
+                              f"{', '.join(_field_names(self._section))}")
+        if dataclasses.is_dataclass(getattr(self._section, name)):
+            raise ConfigError(f"{self._path}.{name} is a section; set its fields instead")
+        setattr(self._section, name, value)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_value(value, hint, key: str):
+    """value converted to hint's type (an int where a float is expected), or ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError:
+                pass
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_check_value(v, args[0], key) for v in value]
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
+
+
+def _check_types(section, path: str):
+    hints = typing.get_type_hints(type(section))
+    for name in _field_names(section):
+        value = getattr(section, name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{path}.{name}" if path else name)
+        else:
+            key = f"{path}.{name}"
+            setattr(section, name, _check_value(value, hints[name], key))
+
+
+def _apply_yaml(section, values: dict, path: str, source: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {path or 'the file'} must be a mapping of keys, got {values!r}")
+    for name, value in values.items():
+        key = f"{path}.{name}" if path else str(name)
+        if PICO_TRAIN_ONLY.get(key):
+            print(f"warning: {source}: {key} ignored: {PICO_TRAIN_ONLY[key]}", file=sys.stderr)
+        elif name not in _field_names(section):
+            raise ConfigError(f"{source}: {key} is not a config key; expected one of "
+                              f"{', '.join(_field_names(section))}")
+        elif dataclasses.is_dataclass(getattr(section, name)):
+            _apply_yaml(getattr(section, name), value or {}, key, source)
+        else:
+            setattr(section, name, value)
+
+
+def _parse_override(arg: str, config: Config):
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"argument {arg!r}: expected --section.key=value")
+    key, text = arg[2:].split("=", 1)
+    *path, name = key.split(".")
+    section, walked = config, []
+    for part in path:
+        walked.append(part)
+        if part not in _field_names(section) or not dataclasses.is_dataclass(getattr(section, part)):
+            raise ConfigError(f"--{key}: {'.'.join(walked)} is not a config section")
+        section = getattr(section, part)
+    if not path or name not in _field_names(section):
+        raise ConfigError(f"--{key} is not a config key" + (
+            f"; expected one of {', '.join(_field_names(section))}" if path else ""))
+    if dataclasses.is_dataclass(getattr(section, name)):
+        raise ConfigError(f"--{key} is a section; set its fields instead")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # "falling back to strings"
+    hint = typing.get_type_hints(type(section))[name]
+    if str in typing.get_args(hint) + (hint,) and not isinstance(value, (str, type(None))):
+        value = text  # --checkpointing.run_name=123 means the string "123"
+    setattr(section, name, value)
+
+
+def load_config(path: str, overrides: list[str]) -> Config:
+    """The config of a run: defaults, then the file (Python or pico-train YAML), then overrides."""
+    config = Config()
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"config file {path} does not exist; expected a configs/*.py or YAML file")
+    if source.suffix in (".yaml", ".yml"):
+        try:
+            values = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        _apply_yaml(config, values, "", path)
+    elif source.suffix == ".py":
+        namespace = {name: _Section(getattr(config, name), name) for name in _field_names(config)}
+        try:
+            exec(compile(source.read_text(), str(source), "exec"), namespace)
+        except ConfigError as e:
+            line = e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?"
+            raise ConfigError(f"{path}, line {line}: {e}") from None
+        except Exception as e:
+            raise ConfigError(f"{path}: {e.__class__.__name__}: {e}") from None
+    else:
+        raise ConfigError(f"config file {path}: expected a .py or .yaml file")
+    for arg in overrides:
+        _parse_override(arg, config)
+    _check_types(config, "")
+    return config
+
+
+def validate(config: Config, world_size: int):
+    """Every impossible combination, each named, before anything is built or written."""
+    problems = config.model.problems()
+    opt, training = config.training.optimization, config.training
+    per_step = world_size * opt.gradient_accumulation_steps
+    for key, value, ok, expected in [
+        ("training.optimization.gradient_accumulation_steps", opt.gradient_accumulation_steps,
+         opt.gradient_accumulation_steps >= 1, "a positive integer"),
+        ("data.dataloader.batch_size", config.data.dataloader.batch_size,
+         config.data.dataloader.batch_size >= 1 and config.data.dataloader.batch_size % max(per_step, 1) == 0,
+         f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
+         f"= {world_size} x {opt.gradient_accumulation_steps} = {per_step}"),
+        ("training.optimization.optimizer", opt.optimizer, opt.optimizer == "adamw", "'adamw'"),
+        ("training.optimization.lr", opt.lr, opt.lr > 0, "a positive number"),
+        ("training.optimization.lr_scheduler", opt.lr_scheduler,
+         opt.lr_scheduler in ("linear_with_warmup", "cosine_with_warmup"),
+         "'linear_with_warmup' or 'cosine_with_warmup'"),
+        ("training.optimization.lr_warmup_steps", opt.lr_warmup_steps, opt.lr_warmup_steps >= 0,
+         "a non-negative integer"),
+        ("training.optimization.max_grad_norm", opt.max_grad_norm,
+         opt.max_grad_norm is None or opt.max_grad_norm > 0, "None or a positive number"),
+        ("training.max_steps", training.max_steps, training.max_steps >= 1, "a positive integer"),
+        ("training.device", training.device, training.device in ("auto", "cpu", "cuda", "mps"),
+         "'auto', 'cpu', 'cuda' or 'mps'"),
+        ("training.precision", training.precision,
+         training.precision in ("auto", "bf16-mixed", "32"), "'auto', 'bf16-mixed' or '32'"),
+        ("checkpointing.save_every_n_steps", config.checkpointing.save_every_n_steps,
+         config.checkpointing.save_every_n_steps >= 1, "a positive integer"),
+        ("monitoring.logging.log_every_n_steps", config.monitoring.logging.log_every_n_steps,
+         config.monitoring.logging.log_every_n_steps >= 1, "a positive integer"),
+        ("monitoring.logging.log_level", config.monitoring.logging.log_level,
+         config.monitoring.logging.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
+         "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+    ]:
+        if not ok:
+            problems.append(f"{key}={value!r}: expected {expected}")
+    if problems:
+        raise ConfigError(problems[0])
+
+
+# Keys that fix what a checkpoint means: a resumed run must agree on them.
+RESUME_KEYS = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]
+
+
+def check_resume_compatible(config: Config, saved_path: Path):
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved_path}: cannot be read ({e}); expected the config of the run "
+                          f"being resumed") from None
+    new = dataclasses.asdict(config)
+    differ = []
+    for key in RESUME_KEYS:
+        a, b = saved, new
+        for part in key.split("."):
+            a, b = (a or {}).get(part), b[part]
+        if a != b:
+            differ.append(f"{key} (run: {a!r}, new config: {b!r})")
+    if differ:
+        raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
+                          f"{'; '.join(differ)}; use another checkpointing.run_name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers the loop calls
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device='cuda': no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("training.device='mps': no MPS device is available")
+    return torch.device(name)
+
+
+def lr_lambda(config: Config):
+    """The multiplier of the peak lr at optimizer step n (0-based): pico-train's schedule,
+    linear warm-up from 0 then linear decay to 0 at max_steps; or the same with cosine decay."""
+    warmup, total = config.training.optimization.lr_warmup_steps, config.training.max_steps
+    cosine = config.training.optimization.lr_scheduler == "cosine_with_warmup"
+
+    def multiplier(n: int) -> float:
+        if n < warmup:
+            return n / max(1, warmup)
+        progress = min(1.0, (n - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+
+    return multiplier
+
+
+def setup_logging(run_dir: Path, level: str) -> logging.Logger:
+    logger = logging.getLogger("pico")
+    logger.setLevel(level)
+    logger.handlers.clear()
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    for handler in (logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(run_dir / "logs" / f"log_{stamp}.log", encoding="utf-8")):
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def keep_metrics_up_to(path: Path, step: int):
+    """A resumed run replays the steps after its checkpoint: drop their first records."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class StopSignals:
+    """SIGTERM (a cluster's pre-emption notice) or SIGINT (Ctrl-C) asks the loop to save a
+    checkpoint after the current step and exit 0. A second Ctrl-C kills at once."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the device, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12),
+                       ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12)):  # vendors' datasheets
+        if key in name:
+            return flops
+    return None
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("usage: python train.py CONFIG [--section.key=value ...]")
+    config = load_config(argv[0], argv[1:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: this version trains in one "
+                          f"process; run python train.py")
+    world_size, rank = 1, 0
+    validate(config, world_size)
+    device = pick_device(config.training.device)
+    opt_cfg, ckpt_cfg = config.training.optimization, config.checkpointing
+    precision = config.training.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if device.type == "cuda" else "32"
+    use_compile = device.type == "cuda" if config.training.compile is None else config.training.compile
+    global_batch = config.data.dataloader.batch_size
+    accum = opt_cfg.gradient_accumulation_steps
+    max_steps = config.training.max_steps
+    seq_len = config.model.max_seq_len
+
+    # Resume: find and fully read the latest checkpoint before anything is built or written.
+    if ckpt_cfg.run_name is None:
+        ckpt_cfg.run_name = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir = Path(ckpt_cfg.runs_dir) / ckpt_cfg.run_name
+    checkpoints_dir = run_dir / "checkpoints"
+    resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if ckpt_cfg.training.auto_resume else None
+    resumed = None
+    if resume_from is not None:
+        check_resume_compatible(config, run_dir / "training_config.yaml")
+        resumed = checkpoint.read_checkpoint(resume_from, config.model)
+    start_step = resumed["step"] if resumed else 0
+    if start_step >= max_steps:
+        print(f"{run_dir}: already trained to step {start_step} (training.max_steps={max_steps}); "
+              f"nothing to do")
+        return 0
+
+    shards = data.open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
+                               config.data.seed)
+    if max_steps * global_batch > shards.num_rows:
+        raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "
+                          f"of data, {config.data.dataset.name} has {shards.num_rows:,} "
+                          f"(at most {shards.num_rows // global_batch:,} steps)")
+    batches = data.BatchStream(shards, global_batch, world_size, rank, start_step, max_steps,
+                               pin_memory=device.type == "cuda")
+
+    torch.manual_seed(config.training.seed)
+    model = PicoDecoder(config.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    if resumed:
+        checkpoint.restore_checkpoint(resumed, model, optimizer, scheduler)
+        del resumed
+
+    # Everything checked: now the run directory may be written.
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    checkpoints_dir.mkdir(exist_ok=True)
+    (run_dir / "training_config.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    metrics_path = run_dir / "metrics.jsonl"
+    keep_metrics_up_to(metrics_path, start_step)
+    log = setup_logging(run_dir, config.monitoring.logging.log_level)
+    log.info(f"run {run_dir} | code {code_version()} | torch {torch.__version__} | device {device} | "
+             f"precision {precision} | compile {use_compile}")
+    log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
+             f"{len(shards.files)} shards | global batch {global_batch} x {seq_len} tokens, "
+             f"{accum} micro-step(s)")
+    if ckpt_cfg.save_to_hf or config.monitoring.save_to_wandb or config.evaluation.metrics:
+        log.info("note: this version does not yet evaluate, upload to the Hub or log to wandb; "
+                 "evaluation.metrics, checkpointing.save_to_hf and monitoring.save_to_wandb are ignored")
+    if resume_from is not None:
+        log.info(f"resumed from {resume_from} at step {start_step}")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+    step_model = torch.compile(model) if use_compile else model
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    mfu_peak = peak_flops(device)
+    flops_per_step = model.flops_per_token(seq_len) * global_batch * seq_len
+
+    stop = StopSignals()
+    log_every, save_every = config.monitoring.logging.log_every_n_steps, ckpt_cfg.save_every_n_steps
+    last_saved = start_step if resume_from is not None else None
+    t_start = t_log = time.perf_counter()
+    steps_at_log = start_step
+    model.train()
+    try:
+        for step in range(start_step, max_steps):
+            # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
+            batch = next(batches).to(device, non_blocking=True).view(accum, -1, seq_len + 1)
+            # Forward and backward: each micro-batch's mean loss, scaled so the gradient is that
+            # of the mean over the whole global batch.
+            step_loss = torch.zeros((), device=device)
+            for micro in batch:
+                with autocast:
+                    _, loss = step_model(micro[:, :-1], micro[:, 1:])
+                (loss / accum).backward()
+                step_loss += loss.detach() / accum
+            logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
+            grad_norm = None
+            if opt_cfg.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm)
+            elif logging_step:
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1  # optimizer steps completed: the model is now "at step `done`"
+
+            # Log: the only place the loop waits for the device.
+            if logging_step:
+                loss_value, norm_value = step_loss.item(), grad_norm.item()
+                now = time.perf_counter()
+                tokens_per_s = (done - steps_at_log) * global_batch * seq_len / (now - t_log)
+                elapsed = now - t_start
+                eta = elapsed / (done - start_step) * (max_steps - done)
+                record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                          "tokens_seen": done * global_batch * seq_len,
+                          "tokens_per_s": tokens_per_s}
+                mfu = ""
+                if mfu_peak:
+                    record["mfu"] = flops_per_step * tokens_per_s / (global_batch * seq_len) / mfu_peak
+                    mfu = f" | mfu {record['mfu']:.1%}"
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info(f"step {done}/{max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                         f"{tokens_per_s:,.0f} tok/s{mfu} | elapsed {format_seconds(elapsed)} | "
+                         f"eta {format_seconds(eta)}")
+                t_log, steps_at_log = now, done
+
+            # Checkpoint: on schedule, at the end, and when asked to stop.
+            if done % save_every == 0 or done == max_steps or stop.received:
+                if done != last_saved:
+                    path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer,
+                                                      scheduler, data_position=done * global_batch)
+                    last_saved = done
+                    log.info(f"saved {path}")
+                if stop.received:
+                    log.info(f"{stop.received}: stopped at step {done}; re-run the same command "
+                             f"to resume")
+                    return 0
+    finally:
+        batches.close()
+    log.info(f"done: {max_steps} steps in {format_seconds(time.perf_counter() - t_start)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")
