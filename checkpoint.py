@@ -12,6 +12,7 @@ It is written to a hidden temporary directory and renamed into place, and only t
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -85,6 +86,9 @@ def hf_config(config: ModelConfig) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
+        # No tokenizer is implied: without these, transformers would assume Llama's ids 1 and 2.
+        "bos_token_id": None,
+        "eos_token_id": None,
         "torch_dtype": "float32",
     }
 
@@ -118,7 +122,7 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: ModelConfig, source:
 def model_config_from_hf(cfg: dict, source: str) -> ModelConfig:
     if cfg.get("model_type") != "llama":
         raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, expected 'llama' "
-                              f"(the export this trainer writes)")
+                              f"(the export this trainer writes) or 'pico_decoder' (pico-train's)")
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     try:
         config = ModelConfig(
@@ -163,10 +167,30 @@ def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDe
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: cannot be read ({e})") from None
-    config = model_config_from_hf(cfg, str(cfg_path))
+    if cfg.get("model_type") == "pico_decoder":
+        config, state = read_pico_train(directory, cfg)
+    else:
+        config = model_config_from_hf(cfg, str(cfg_path))
+        state = load_hf_weights(directory, config)
     model = PicoDecoder(config)
-    model.load_state_dict(load_hf_weights(directory, config))
+    model.load_state_dict(state)
     return model
+
+
+def read_pico_train(directory: Path, cfg: dict) -> tuple[ModelConfig, dict]:
+    """pico-train's published format: its ModelConfig's fields in config.json, weights under
+    "pico_decoder." + our module names, RoPE already interleaved (no permutation)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in cfg.items() if k in names and v is not None})
+    if cfg.get("attention_n_kv_heads") is None:  # pico-train: None means one KV head per head
+        config.attention_n_kv_heads = config.attention_n_heads
+    path = directory / "model.safetensors"
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    prefix = "pico_decoder."
+    return config, {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------
