@@ -69,30 +69,28 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in float32 even under bf16 autocast: the mean of squares loses too much
         # precision in bf16. Cast back before the weight, as pico-train and transformers do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle, [max_seq_len, head_dim / 2], in float32."""
+    """cos and signed sin of the rotation angles, [max_seq_len, head_dim], float32, laid out
+    for interleaved pairs: cos = (c0, c0, c1, c1, ...), sin = (-s0, s0, -s1, s1, ...)."""
     d = config.head_dim
     inv_freq = 1.0 / (config.position_emb_theta ** (torch.arange(0, d, 2).float() / d))
     angles = torch.outer(torch.arange(config.max_seq_len).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim].
-
-    Real arithmetic rather than complex tensors, so torch.compile builds one graph; float32,
-    as pico-train computes it, so bf16 positions far into the sequence stay accurate.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim/2]: broadcast over heads
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, heads, T, head_dim] by angle i:
+    (x0 c - x1 s, x1 c + x0 s). Real arithmetic on whole rows rather than complex tensors or
+    stride-2 views, so torch.compile builds one graph and eager mode makes no strided copies;
+    float32, as pico-train computes it, so bf16 positions far into the sequence stay accurate."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class KVCache:
@@ -103,7 +101,7 @@ class KVCache:
 
     @property
     def seq_len(self) -> int:
-        return 0 if self.layers[0] is None else self.layers[0][0].shape[1]
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
 
 
 class Attention(nn.Module):
@@ -120,37 +118,35 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None, layer_idx=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Heads first, [B, heads, T, head_dim]: the layout SDPA works in, so RoPE writes q and k
+        # contiguous in it and the kernel needs no copy.
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         n_past = 0
         if kv_cache is not None:
             past = kv_cache.layers[layer_idx]
             if past is not None:
-                n_past = past[0].shape[1]
-                k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)
+                n_past = past[0].shape[2]
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             kv_cache.layers[layer_idx] = (k, v)
 
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.n_kv_heads != self.n_heads:
-            # Repeat each KV head for its group of query heads. SDPA's enable_gqa would skip
-            # the copy but rules out the memory-efficient and cuDNN kernels; the copy is small.
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-
+        # enable_gqa: each KV head serves its group of query heads inside the kernel, with no
+        # copy of K and V (flash attention supports it; other kernels fall back to math).
+        gqa = self.n_kv_heads != self.n_heads
         if n_past == 0:
-            # No mask tensor: is_causal lets SDPA pick the flash or memory-efficient kernel.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # No mask tensor: is_causal lets SDPA pick the flash kernel.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             # One new token attends to everything cached: no mask at all.
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             # Several new tokens after a cache: is_causal would align the mask top-left, so
             # build the bottom-right causal mask explicitly.
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(n_past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -201,6 +197,7 @@ class PicoDecoder(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
                              f"{self.config.max_seq_len}")
+        # .float(): the tables stay float32 even if someone calls model.bfloat16()
         cos = self.rope_cos[start:start + T].float()
         sin = self.rope_sin[start:start + T].float()
         x = self.embedding_proj(input_ids)

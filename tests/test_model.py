@@ -141,14 +141,14 @@ def test_rope_rotates_interleaved_pairs_as_meta_llama_does():
     model = PicoDecoder(ModelConfig(**{**TINY, "max_seq_len": 2048}))  # far positions too
     config = model.config
     T, H, D = config.max_seq_len, config.attention_n_heads, config.head_dim
-    x = torch.randn(2, T, H, D, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, H, T, D, generator=torch.Generator().manual_seed(0))
 
     # Meta's LLaMA / pico-train: pairs (x[2i], x[2i+1]) as complex numbers, times e^(i t f_i).
     freqs = 1.0 / (config.position_emb_theta ** (torch.arange(0, D, 2).float() / D))
     angles = torch.outer(torch.arange(T).float(), freqs)
     freqs_cis = torch.polar(torch.ones_like(angles), angles)  # [T, D/2]
-    x_complex = torch.view_as_complex(x.reshape(2, T, H, D // 2, 2))
-    expected = torch.view_as_real(x_complex * freqs_cis[None, :, None, :]).flatten(3)
+    x_complex = torch.view_as_complex(x.reshape(2, H, T, D // 2, 2))
+    expected = torch.view_as_real(x_complex * freqs_cis[None, None, :, :]).flatten(3)
 
     got = pico.apply_rope(x, model.rope_cos, model.rope_sin)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
