@@ -1,0 +1,141 @@
+"""Time one training step of PicoDecoder against transformers' LlamaForCausalLM of the same shape.
+
+    python bench.py [--model tiny] [--batch-size 4] [--seq-len 256] [--compile] [--rounds 10]
+    python bench.py --all        # tiny and small, eager and compiled: one markdown table
+
+A step is forward, loss, backward, AdamW step and zero_grad, on random tokens. Both models are
+built in this process from the same ModelConfig (weights differ, shapes and parameter counts do
+not), in float32 on CPU, under bf16 autocast with float32 weights and fused AdamW on CUDA. The
+timed steps alternate between the two models, so machine noise (other jobs, clock changes,
+thermal throttling) falls on both alike; each figure is the median over the rounds.
+
+ratio = transformers ms / pico ms: above 1 pico is faster, below 1 slower. MFU (CUDA only) is
+training FLOPs per token (PicoDecoder.flops_per_token) x tokens/s over the device's bf16 peak.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+
+import checkpoint
+import train
+from model import SUITE, ModelConfig, PicoDecoder
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def build(name: str, seq_len: int, device: torch.device):
+    """The two models of suite size `name`, each with its own AdamW."""
+    config = ModelConfig(**SUITE[name], max_seq_len=seq_len)
+    torch.manual_seed(0)
+    pico = PicoDecoder(config).to(device)
+    hf_config = transformers.LlamaConfig(**checkpoint.hf_config(config), attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_config).to(device)
+    n_pico, n_hf = pico.num_params(), sum(p.numel() for p in hf.parameters())
+    if n_pico != n_hf:
+        raise SystemExit(f"--model {name}: pico has {n_pico:,} parameters, transformers {n_hf:,}: "
+                         f"expected the same shape")
+    print(f"{name}: {n_pico:,} parameters in both models", flush=True)
+    fused = device.type == "cuda"
+    return [(model.train(), torch.optim.AdamW(model.parameters(), fused=fused))
+            for model in (pico, hf)]
+
+
+def pico_loss(model, tokens):
+    return model(tokens[:, :-1], tokens[:, 1:])[1]  # our labels are the next tokens, unshifted
+
+
+def hf_loss(model, tokens):
+    # transformers shifts labels itself. use_cache=False: training builds no KV-cache.
+    inputs = tokens[:, :-1]
+    return model(input_ids=inputs, labels=inputs, use_cache=False).loss
+
+
+def step(model, optimizer, loss_fn, tokens, device) -> float:
+    """One training step; its wall time in seconds."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # time this step only, not kernels still queued from the last
+    start = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = loss_fn(model, tokens)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench(name: str, use_compile: bool, args, device: torch.device) -> str:
+    """Time both models of one configuration; its markdown table row."""
+    (pico, pico_opt), (hf, hf_opt) = build(name, args.seq_len, device)
+    flops_per_token = pico.flops_per_token(args.seq_len)  # the same shape: the same for both
+    if use_compile:
+        pico, hf = torch.compile(pico), torch.compile(hf)
+    runs = [(pico, pico_opt, pico_loss, []), (hf, hf_opt, hf_loss, [])]
+    vocab = pico.config.vocab_size
+    tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
+    # Untimed steps first: compilation, allocator and optimizer-state set-up happen here.
+    warmup = max(args.warmup, 3) if use_compile else args.warmup
+    for model, optimizer, loss_fn, _ in runs:
+        for _ in range(warmup):
+            step(model, optimizer, loss_fn, tokens, device)
+    for r in range(args.rounds):
+        # Swap who goes first every round, so neither always runs on a cache the other warmed.
+        for model, optimizer, loss_fn, times in (runs if r % 2 == 0 else runs[::-1]):
+            times.append(step(model, optimizer, loss_fn, tokens, device))
+    pico_s, hf_s = (statistics.median(times) for *_, times in runs)
+    tokens_per_step = args.batch_size * args.seq_len
+    row = [name, "compiled" if use_compile else "eager", device.type,
+           f"{pico_s * 1e3:.1f}", f"{hf_s * 1e3:.1f}", f"{hf_s / pico_s:.2f}",
+           f"{tokens_per_step / pico_s:,.0f}"]
+    peak = train.peak_flops(device)
+    if peak:
+        row += [f"{flops_per_token * tokens_per_step / s / peak:.1%}" for s in (pico_s, hf_s)]
+    else:
+        row += ["-", "-"]
+    return "| " + " | ".join(row) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=SUITE, default="tiny")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
+    parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls outside autocast
+    transformers.logging.set_verbosity_error()
+    configs = ([(m, c) for m in ("tiny", "small") for c in (False, True)] if args.all
+               else [(args.model, args.compile)])
+    rows = [bench(name, use_compile, args, device) for name, use_compile in configs]
+    print(f"\nMachine: {machine(device)}. Batch {args.batch_size} x {args.seq_len} tokens, "
+          f"median of {args.rounds} interleaved steps after {args.warmup} untimed.\n")
+    print("| model | mode | device | pico ms/step | transformers ms/step | ratio | pico tokens/s "
+          "| pico MFU | transformers MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
