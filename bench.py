@@ -11,17 +11,32 @@ thermal throttling) falls on both alike; each figure is the median over the roun
 
 ratio = transformers ms / pico ms: above 1 pico is faster, below 1 slower. MFU (CUDA only) is
 training FLOPs per token (PicoDecoder.flops_per_token) x tokens/s over the device's bf16 peak.
+
+    python bench.py --data [--data-steps 32]
+
+The data path instead: tokens/s of data.BatchStream handing over consecutive global batches of
+pico's shape (1024 rows of 2049 tokens) with nothing else running, from local Parquet shards and
+from a dataset repo on a local stand-in for the Hub (downloads included, starting cold).
 """
 
 import argparse
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import transformers
+from huggingface_hub import constants
 
 import checkpoint
+import data
 import train
 from model import SUITE, ModelConfig, PicoDecoder
 
@@ -111,6 +126,64 @@ def bench(name: str, use_compile: bool, args, device: torch.device) -> str:
     return "| " + " | ".join(row) + " |"
 
 
+def write_token_shards(directory: Path, rows: int, rows_per_shard: int, row_len: int, vocab: int):
+    """Shards of random token ids laid out as pretokenized-dolma's: data/train-XXXXX-of-N.parquet."""
+    rng = np.random.default_rng(0)
+    n = -(-rows // rows_per_shard)
+    (directory / "data").mkdir(parents=True)
+    for k in range(n):
+        count = min(rows_per_shard, rows - k * rows_per_shard)
+        offsets = pa.array(np.arange(0, count * row_len + 1, row_len, dtype=np.int32))
+        ids = pa.array(rng.integers(0, vocab, count * row_len, dtype=np.int32))
+        pq.write_table(pa.table({data.COLUMN: pa.ListArray.from_arrays(offsets, ids)}),
+                       directory / "data" / f"train-{k:05d}-of-{n:05d}.parquet",
+                       row_group_size=data.ROWS_PER_ROW_GROUP)
+
+
+def stream_tokens_per_s(shards, global_batch: int, steps: int, started: float) -> float:
+    """Tokens/s of a BatchStream reading `steps` global batches, timed from `started`."""
+    stream = data.BatchStream(shards, global_batch, 1, 0, start_step=0, end_step=steps)
+    try:
+        tokens = sum(next(stream).numel() for _ in range(steps))
+    finally:
+        stream.close()
+    return tokens / (time.perf_counter() - started)
+
+
+def bench_data(steps: int, rows_per_shard: int = 4096, global_batch: int = 1024, row_len: int = 2049,
+               vocab: int = 50304):
+    # The stand-in Hub is test code (tests/hub_server.py); bench.py borrows it rather than keep a
+    # second copy, so the figure is measured against the same server the tests check.
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+    from hub_server import HubServer, client_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        write_token_shards(repo, steps * global_batch, rows_per_shard, row_len, vocab)
+        n_shards = len(list((repo / "data").iterdir()))
+        size = sum(p.stat().st_size for p in (repo / "data").iterdir())
+        results = []
+        started = time.perf_counter()
+        local = data.open_dataset(str(repo / "data"), row_len, vocab)
+        results.append(("local shards", stream_tokens_per_s(local, global_batch, steps, started)))
+        with HubServer() as hub:
+            env, values = client_config(hub.endpoint, Path(tmp) / "hf-cache")
+            os.environ.update(env)
+            for key, value in values.items():
+                setattr(constants, key, value)
+            hub.add_repo("bench/tokens", repo)
+            started = time.perf_counter()
+            remote = data.open_dataset("bench/tokens", row_len, vocab, max_cached_shards=2)
+            results.append(("stand-in Hub, cold cache, max_cached_shards=2",
+                            stream_tokens_per_s(remote, global_batch, steps, started)))
+    print(f"\nMachine: {machine(torch.device('cpu'))}. {steps} global batches of {global_batch} x "
+          f"{row_len} tokens through data.BatchStream, from {n_shards} shards of {rows_per_shard} rows "
+          f"({size / 1e6:.0f} MB of Parquet).\n")
+    print("| source | tokens/s |\n|---|---:|")
+    for source, tokens_per_s in results:
+        print(f"| {source} | {tokens_per_s:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=SUITE, default="tiny")
@@ -120,7 +193,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
+    parser.add_argument("--data", action="store_true", help="the data path's tokens/s instead")
+    parser.add_argument("--data-steps", type=int, default=32, help="global batches read by --data")
     args = parser.parse_args()
+    if args.data:
+        return bench_data(args.data_steps)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

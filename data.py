@@ -11,12 +11,19 @@ contiguous block of rows [r * G/W, (r+1) * G/W) of the global batch of G rows, a
 into gradient_accumulation_steps micro-batches, in order. So concatenating the ranks' blocks in
 rank order gives back the global batch in data order, which is how captures are gathered.
 
-Also here: the embedded corpus of the offline demo (`python data.py prepare-local`).
+The shards come from a local directory or from a dataset repo on the Hugging Face Hub (`HubShards`:
+downloaded one at a time, the next in the background, at most a few kept on disk).
+
+Also here: the embedded corpus of the offline demo (`python data.py prepare-local`), and
+`python data.py verify PATH_OR_REPO`, which checks every shard and counts rows and tokens.
 """
 
 import argparse
 import bisect
+import json
+import os
 import queue
+import re
 import sys
 import sysconfig
 import threading
@@ -26,6 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from huggingface_hub import HfApi, constants, get_session, get_token, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, silent_tqdm
 
 COLUMN = "input_ids"
 
@@ -46,37 +57,50 @@ class DataError(Exception):
 def list_shards(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise DataError(f"data.dataset.name: directory {directory} does not exist; expected a "
-                        f"directory of Parquet shards or {EMBEDDED_CORPUS!r}")
+                        f"directory of Parquet shards, a Hub dataset repo (namespace/name[@revision]) "
+                        f"or {EMBEDDED_CORPUS!r}")
     files = sorted(directory.rglob("*.parquet"))
     if not files:
         raise DataError(f"data.dataset.name: {directory} holds no .parquet files")
     return files
 
 
+def check_schema(name, meta: pq.FileMetaData):
+    """A shard's footer must hold the column `input_ids` of lists of integers."""
+    try:
+        schema = meta.schema.to_arrow_schema()
+    except pa.ArrowException as e:
+        raise DataError(f"{name}: not a readable Parquet file ({e})") from None
+    if COLUMN not in schema.names:
+        raise DataError(f"{name}: no column '{COLUMN}' (has {', '.join(schema.names)}); "
+                        f"expected pre-tokenized rows of token ids")
+    kind = schema.field(COLUMN).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise DataError(f"{name}: column '{COLUMN}' has type {kind}, expected a list of integers")
+
+
 class ParquetShards:
     """Random access by global row position over an ordered list of Parquet shards.
 
     Only the footers are read up front (row counts and schema); rows are read one row group at
-    a time, checked when read, and only the current row group is kept in memory.
+    a time, checked when read, and only the current row group is kept in memory. row_len None
+    (`data.py verify`) takes the length of the first row read as the one every row must have.
+    Errors name each file by its path, or by `names` (HubShards: its address on the Hub).
     """
 
-    def __init__(self, files: list[Path], row_len: int, vocab_size: int):
+    def __init__(self, files: list[Path], row_len: int | None, vocab_size: int,
+                 names: list[str] | None = None):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
+        self.names = names or [str(path) for path in files]
         self.group_starts = []  # per shard: the global position of each row group's first row
         start = 0
-        for path in files:
+        for path, name in zip(files, self.names):
             try:
                 meta = pq.ParquetFile(path).metadata
-                schema = meta.schema.to_arrow_schema()
             except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-            if COLUMN not in schema.names:
-                raise DataError(f"{path}: no column '{COLUMN}' (has {', '.join(schema.names)}); "
-                                f"expected pre-tokenized rows of token ids")
-            kind = schema.field(COLUMN).type
-            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-                    or pa.types.is_fixed_size_list(kind)) or not pa.types.is_integer(kind.value_type):
-                raise DataError(f"{path}: column '{COLUMN}' has type {kind}, expected a list of integers")
+                raise DataError(f"{name}: not a readable Parquet file ({e})") from None
+            check_schema(name, meta)
             starts = []
             for g in range(meta.num_row_groups):
                 starts.append(start)
@@ -97,14 +121,16 @@ class ParquetShards:
             lengths = np.full(len(column), column.type.list_size)
         else:
             lengths = np.diff(column.offsets.to_numpy())
+        if self.row_len is None and len(lengths):
+            self.row_len = int(lengths[0])
         if len(lengths) and (lengths != self.row_len).any():
             bad = int(np.argmax(lengths != self.row_len))
-            raise DataError(f"{path}: row {self.group_starts[f][g] - self.group_starts[f][0] + bad} "
+            raise DataError(f"{self.names[f]}: row {self.group_starts[f][g] - self.group_starts[f][0] + bad} "
                             f"has {lengths[bad]} tokens, expected model.max_seq_len + 1 = {self.row_len}")
         rows = column.flatten().to_numpy().astype(np.int64).reshape(-1, self.row_len)
         if rows.size and (rows.max() >= self.vocab_size or rows.min() < 0):
             bad = int(rows.max()) if rows.max() >= self.vocab_size else int(rows.min())
-            raise DataError(f"{path}: token id {bad} is outside [0, model.vocab_size="
+            raise DataError(f"{self.names[f]}: token id {bad} is outside [0, model.vocab_size="
                             f"{self.vocab_size})")
         self._cached = ((f, g), rows)
         return rows
@@ -122,6 +148,212 @@ class ParquetShards:
             take = min(count - done, group_start + len(rows) - pos)
             out[done:done + take] = rows[pos - group_start:pos - group_start + take]
             done += take
+        return out
+
+
+# A Hub dataset repo: namespace/name, optionally @revision (a branch, tag or commit).
+HUB_REPO = re.compile(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?")
+
+
+def hub_repo(name: str) -> tuple[str, str] | None:
+    """(repo id, revision) if data.dataset.name names a Hub dataset repo, not a local path."""
+    match = HUB_REPO.fullmatch(name)
+    if match is None or Path(name).exists():
+        return None
+    return match["repo_id"], match["revision"] or "main"
+
+
+class HubShards:
+    """The Parquet shards of a dataset repo on the Hugging Face Hub, read like ParquetShards.
+
+    Position -> shard: a resumed run must not download the shards before its position, so every
+    shard but the last is taken to hold as many rows R as the first (pretokenized-dolma: 20,480),
+    and position p is row p % R of shard p // R. R comes from the first shard's Parquet footer,
+    read with HTTP range requests (a few KB, no download), and is cached with the file listing of
+    the commit. Each shard's row count is checked when it is opened: one that breaks the
+    assumption is an error naming it, before any of its rows is used.
+
+    Shards are downloaded with hf_hub_download into the Hugging Face cache (so HF_HUB_OFFLINE=1
+    reads them from there) when first needed, and the next max_cached_shards - 1 in background
+    threads while the current one is read. At most max_cached_shards of this repo's shards stay on
+    disk: older ones are deleted (but never offline, where the cache is the only copy). So two runs
+    that share a cache and read the same dataset at different positions delete each other's
+    shards: give them separate HF_HUB_CACHE directories.
+    """
+
+    def __init__(self, repo_id: str, revision: str, row_len: int | None, vocab_size: int,
+                 max_cached_shards: int = 2, key: str = "data.dataset.name"):
+        self.key = key  # the config key that named the repo, for error messages
+        self.repo_id, self.revision, self.row_len, self.vocab_size = repo_id, revision, row_len, vocab_size
+        self.max_cached_shards = max_cached_shards
+        self.name = repo_id if revision == "main" else f"{repo_id}@{revision}"
+        offline = constants.is_offline_mode()
+        self.sha = self._hub(f"look up revision {revision}", lambda: HfApi().resolve_revision(
+            repo_id, repo_type="dataset", revision=revision, local_files_only=offline).resolved)
+        storage = Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
+            repo_id=repo_id, repo_type="dataset")
+        self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
+        # A commit never changes, so its listing and R are cached for good (and for offline use).
+        index_path = storage / "pico-shards" / f"{self.sha}.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        if "files" not in index:
+            listing = self._hub("list the files", lambda: HfApi().list_repo_files(
+                repo_id, repo_type="dataset", revision=self.sha))
+            index["files"] = sorted(f for f in listing if f.endswith(".parquet"))
+        self.files = index["files"]
+        if not self.files:
+            raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
+                            f".parquet files; expected pre-tokenized Parquet shards")
+        if "rows_per_shard" not in index:
+            index["rows_per_shard"] = self._footer(self.files[0]).num_rows
+            try:
+                index_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(index))
+                tmp.replace(index_path)
+            except OSError:
+                pass  # a read-only cache: the listing is asked for again next time
+        self.rows_per_shard = index["rows_per_shard"]
+        if self.rows_per_shard < 1:
+            raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
+        self.num_rows = self.rows_per_shard * len(self.files)  # until the last shard is opened
+        self._order = {f: k for k, f in enumerate(self.files)}
+        self._fetches: dict[int, tuple[threading.Thread, dict]] = {}  # shard -> its download
+        self._current = (None, None)  # (shard index, ParquetShards)
+        self._lock = threading.Lock()
+
+    def url(self, file: str) -> str:
+        return f"hf://datasets/{self.name}/{file}"
+
+    def _hub(self, what: str, call):
+        """call(), a huggingface_hub request; its errors become one line naming the repo and the
+        file, never the token."""
+        try:
+            return call()
+        except DataError:
+            raise
+        except RepositoryNotFoundError:
+            message = (f"{self.key}={self.name!r}: no local directory of that name, and no "
+                       f"dataset repo {self.repo_id} on {constants.ENDPOINT} (a private or gated "
+                       f"repo needs a token: set HF_TOKEN or run `hf auth login`)")
+        except RevisionNotFoundError:
+            message = (f"{self.key}={self.name!r}: dataset repo {self.repo_id} has no "
+                       f"revision {self.revision!r}")
+        except Exception as e:
+            if constants.is_offline_mode():
+                reason = f" (HF_HUB_OFFLINE=1 and it is not in the cache {constants.HF_HUB_CACHE})"
+            else:
+                while e.__cause__ is not None:  # the root cause, e.g. "Connection refused"
+                    e = e.__cause__
+                reason = (f" at {constants.ENDPOINT} ({e.__class__.__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]})")
+            message = (f"could not {what} of {self.name}{reason}; to train from a local copy set "
+                       f"data.dataset.name to a directory of Parquet shards")
+        token = get_token()
+        raise DataError(message.replace(token, "***") if token else message)
+
+    def _footer(self, file: str) -> pq.FileMetaData:
+        """A shard's Parquet footer (row count, schema), from range requests for the file's end."""
+        url = hf_hub_url(self.repo_id, file, repo_type="dataset", revision=self.sha)
+
+        def tail(n: int) -> bytes:
+            response = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes=-{n}"},
+                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(response)
+            return response.content
+
+        end = self._hub(f"read the footer of {file}", lambda: tail(1 << 16))
+        footer = int.from_bytes(end[-8:-4], "little") + 8  # the footer, its length, b"PAR1"
+        if end[-4:] == b"PAR1" and footer > len(end):
+            end = self._hub(f"read the footer of {file}", lambda: tail(footer))
+        try:
+            meta = pq.read_metadata(pa.BufferReader(end))
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{self.url(file)}: not a readable Parquet file ({e})") from None
+        check_schema(self.url(file), meta)
+        return meta
+
+    def _download(self, k: int) -> Path:
+        return Path(self._hub(f"download {self.files[k]}", lambda: hf_hub_download(
+            self.repo_id, self.files[k], repo_type="dataset", revision=self.sha, tqdm_class=silent_tqdm)))
+
+    def _prefetch(self, k: int):
+        """Start downloading shard k in a background thread, unless that has started already."""
+        if k >= len(self.files) or k in self._fetches:
+            return
+        result = {}
+
+        def fetch():
+            try:
+                result["path"] = self._download(k)
+            except DataError as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=fetch, name=f"prefetch {self.files[k]}", daemon=True)
+        thread.start()
+        self._fetches[k] = (thread, result)
+
+    def _evict(self, window: range):
+        """Delete this repo's shards from the cache but the window and, while fewer than
+        max_cached_shards, those nearest to it (so a bound above the number of shards keeps all)."""
+        if constants.is_offline_mode():
+            return  # nothing was downloaded, and the cache is the only copy
+        for k in [k for k in self._fetches if k not in window]:  # left behind by a jump back
+            self._fetches.pop(k)[0].join()
+        others = {}
+        for path in self.snapshot.rglob("*.parquet"):
+            k = self._order.get(path.relative_to(self.snapshot).as_posix())
+            if k is not None and k not in window:
+                others[k] = path
+        nearest = sorted(others, key=lambda k: abs(k - window.start))
+        for k in nearest[self.max_cached_shards - len(window):]:
+            blob = others[k].resolve()  # the snapshot entry links to the blob holding the bytes
+            others[k].unlink()
+            blob.unlink(missing_ok=True)
+
+    def shard(self, k: int) -> ParquetShards:
+        """Shard k, downloaded if needed and checked; the next ones start downloading."""
+        if self._current[0] == k:
+            return self._current[1]
+        self._current = (None, None)  # its file may be deleted now
+        window = range(k, min(k + self.max_cached_shards, len(self.files)))
+        self._evict(window)  # before downloading: the bound holds at every moment
+        self._prefetch(k)
+        thread, result = self._fetches.pop(k)
+        thread.join()
+        # A prefetch that failed (say, a network blip) gets a second chance now.
+        path = result["path"] if "path" in result else self._download(k)
+        for j in window[1:]:
+            self._prefetch(j)
+        shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])])
+        rows, expected = shard.num_rows, self.rows_per_shard
+        if k == len(self.files) - 1 and rows <= expected:
+            self.num_rows = expected * k + rows  # only the last shard may be shorter
+        elif rows != expected:
+            raise DataError(f"{self.url(self.files[k])}: {rows:,} rows, expected {expected:,} as in "
+                            f"{self.files[0]}: data from the Hub is read assuming every shard but "
+                            f"the last holds as many rows as the first; download the dataset and "
+                            f"set data.dataset.name to its directory")
+        self._current = (k, shard)
+        return shard
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count) in data order, as int64 [count, row_len]."""
+        out = np.empty((count, self.row_len), dtype=np.int64)
+        with self._lock:
+            done = 0
+            while done < count:
+                k, row = divmod(start + done, self.rows_per_shard)
+                shard = self.shard(k) if start + count <= self.num_rows else None
+                if shard is None or row >= shard.num_rows:
+                    raise DataError(f"rows up to {start + count} requested, {self.name} has "
+                                    f"{self.num_rows}")
+                take = min(count - done, shard.num_rows - row)
+                out[done:done + take] = shard.read(row, take)
+                done += take
         return out
 
 
@@ -177,13 +409,72 @@ class BatchStream:
         self.stop.set()
 
 
-def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0) -> ParquetShards:
-    """The training shards named by data.dataset.name: a local directory or the embedded corpus."""
+def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0,
+                 max_cached_shards: int = 2) -> ParquetShards | HubShards:
+    """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
+    (namespace/name[@revision]) or the embedded corpus."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(row_len - 1, seed) / "train"
+    elif repo := hub_repo(name):
+        return HubShards(*repo, row_len, vocab_size, max_cached_shards)
     else:
         directory = Path(name)
     return ParquetShards(list_shards(directory), row_len, vocab_size)
+
+
+def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> list[np.ndarray]:
+    """Every row of one shard whose rows may differ in length (an evaluation set), checked.
+    Errors name the file by `name` (a Hub address) or its path."""
+    name = name or str(path)
+    try:
+        check_schema(name, pq.ParquetFile(path).metadata)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{name}: not a readable Parquet file ({e})") from None
+    column = pq.read_table(path, columns=[COLUMN]).column(0).combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        column = column.cast(pa.list_(column.type.value_type))
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    if len(lengths) and (lengths.max() > max_row_len or lengths.min() < 2):
+        bad = int(np.argmax((lengths > max_row_len) | (lengths < 2)))
+        raise DataError(f"{name}: row {bad} has {lengths[bad]} tokens, expected 2 to "
+                        f"model.max_seq_len + 1 = {max_row_len}")
+    if values.size and (values.max() >= vocab_size or values.min() < 0):
+        bad = int(values.max()) if values.max() >= vocab_size else int(values.min())
+        raise DataError(f"{name}: token id {bad} is outside [0, model.vocab_size={vocab_size})")
+    starts = offsets[:-1] - offsets[0]
+    return [values[s:s + n] for s, n in zip(starts, lengths)]
+
+
+def in_split(file: str, split: str) -> bool:
+    """Whether a repo file belongs to `split`: a folder of that name, or a file name that starts
+    with it (pico-lm's "data/val-00000-of-00001.parquet")."""
+    parts = Path(file).parts
+    return split in parts[:-1] or re.match(rf"{re.escape(split)}[-_.]", parts[-1]) is not None
+
+
+def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0):
+    """The fixed evaluation sequences: the embedded corpus's validation split, the `split` files
+    of a Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or the `split` subdirectory of a
+    local directory (else the directory itself). Rows of up to max_seq_len + 1 tokens; held in
+    memory, as an evaluation set is small."""
+    if name == EMBEDDED_CORPUS:
+        directory = prepare_local(max_row_len - 1, seed) / "val"
+    elif repo := hub_repo(name):
+        hub = HubShards(*repo, None, vocab_size, key="evaluation.paloma.dataset_name")
+        picked = [k for k, f in enumerate(hub.files) if not split or in_split(f, split)]
+        if not picked:
+            raise DataError(f"evaluation.paloma.dataset_split={split!r}: dataset repo {hub.name} has "
+                            f"no .parquet files of that split (files: {', '.join(hub.files[:5])})")
+        return [row for k in picked
+                for row in read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))]
+    else:
+        directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
+        if not Path(name).is_dir():
+            raise DataError(f"evaluation.paloma.dataset_name: directory {name} does not exist; "
+                            f"expected a directory of Parquet shards or {EMBEDDED_CORPUS!r}")
+    return [row for path in list_shards(directory) for row in read_rows(path, max_row_len, vocab_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,19 +534,111 @@ def prepare_local(seq_len: int, seed: int = 0) -> Path:
     return out
 
 
+def byte_text(ids) -> str:
+    """Text of byte-level token ids, the end-of-document id shown as <eod>."""
+    parts, run = [], []
+    for i in ids:
+        if i == EOD_ID:
+            parts += [bytes(run).decode("utf-8", errors="replace"), "<eod>"]
+            run = []
+        else:
+            run.append(int(i))
+    return "".join(parts + [bytes(run).decode("utf-8", errors="replace")])
+
+
+def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
+    import train  # the config system lives in train.py, which imports this module
+
+    try:
+        config = train.load_config(config_path, overrides)
+    except train.ConfigError as e:
+        raise DataError(str(e)) from None
+    seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
+    shards = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed)
+    start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
+    rows = shards.read(start, count)
+    byte_level = config.data.tokenizer.name == "bytes"
+    print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
+          f"{count} x {seq_len + 1} tokens")
+    if out is None:
+        for i, row in enumerate(rows):
+            shown = repr(byte_text(row)[:100]) if byte_level else " ".join(map(str, row[:16])) + " ..."
+            print(f"{start + i}: {shown}")
+    elif out.endswith(".npy"):
+        np.save(out, rows)
+    elif out.endswith(".jsonl"):
+        with open(out, "w") as f:
+            for i, row in enumerate(rows):
+                record = {"position": start + i, "input_ids": row.tolist()}
+                if byte_level:
+                    record["text"] = byte_text(row)
+                f.write(json.dumps(record) + "\n")
+    else:
+        raise DataError(f"--out {out}: expected a file name ending in .npy or .jsonl")
+
+
+def verify(name: str, row_len: int | None = None, vocab_size: int | None = None) -> tuple[int, int]:
+    """Read and check every shard of a local directory or Hub dataset repo (schema, row length,
+    token ids; for a repo also the equal row counts its reading assumes), printing the rows and
+    tokens of each. Returns (rows, tokens). row_len None: the first row's length."""
+    vocab = vocab_size or np.iinfo(np.int64).max  # no vocabulary given: ids need only be >= 0
+    if repo := hub_repo(name):
+        hub = HubShards(*repo, row_len, vocab)
+        files, open_shard = hub.files, hub.shard  # downloads as training does: bounded cache
+    else:
+        files = list_shards(Path(name))
+        hub, open_shard = None, lambda k: ParquetShards([files[k]], row_len, vocab)
+    total_rows, max_id = 0, -1
+    for k, file in enumerate(files):
+        shard = open_shard(k)
+        for g in range(len(shard.group_starts[0])):
+            max_id = max(max_id, int(shard._row_group(0, g).max(initial=-1)))
+        row_len = row_len or shard.row_len  # the first shard's row length holds for all
+        if hub:
+            hub.row_len = row_len
+        print(f"{file}: {shard.num_rows:,} rows, {shard.num_rows * (row_len or 0):,} tokens")
+        total_rows += shard.num_rows
+    tokens = total_rows * (row_len or 0)
+    print(f"total: {len(files)} shards, {total_rows:,} rows of {row_len} tokens, {tokens:,} tokens, "
+          f"largest token id {max_id}")
+    return total_rows, tokens
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-local", help="build the embedded byte-level corpus")
     prep.add_argument("--seq-len", type=int, default=256, help="model.max_seq_len of the run")
     prep.add_argument("--seed", type=int, default=0, help="data.seed: the row shuffle")
-    args = parser.parse_args(argv)
+    batch = sub.add_parser("batch", help="rebuild the global batch the trainer used at a step",
+                           description="Computes the batch from the data order alone (no log is "
+                           "read). Takes the run's config and its --section.key=value overrides.")
+    batch.add_argument("config", help="the run's config file (configs/*.py or pico-train YAML)")
+    batch.add_argument("--step", type=int, required=True, help="0-based: the batch that optimizer "
+                       "step N+1 trained on, which checkpoint step_N+1 follows")
+    batch.add_argument("--out", help="write the token ids: .npy (an array [batch, max_seq_len + 1]) "
+                       "or .jsonl (one row per line, with its position, and text for the byte tokenizer)")
+    check = sub.add_parser("verify", help="check every shard of a directory or Hub dataset repo, "
+                           "count rows and tokens")
+    check.add_argument("dataset", help="a directory of Parquet shards or a Hub dataset repo "
+                       "(namespace/name[@revision])")
+    check.add_argument("--seq-len", type=int, help="model.max_seq_len: rows must hold seq_len + 1 "
+                       "tokens (default: the first row's length)")
+    check.add_argument("--vocab-size", type=int, help="model.vocab_size: ids must be below it "
+                       "(default: only checked to be non-negative)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "batch":
+        print_batch(args.config, overrides, args.step, args.out)
+    elif overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.command == "prepare-local":
         out = prepare_local(args.seq_len, args.seed)
         for split in ("train", "val"):
             shards = ParquetShards(list_shards(out / split), args.seq_len + 1, BYTE_VOCAB_SIZE)
             print(f"{out / split}: {len(shards.files)} shards, {shards.num_rows:,} rows, "
                   f"{shards.num_rows * (args.seq_len + 1):,} tokens")
+    if args.command == "verify":
+        verify(args.dataset, args.seq_len + 1 if args.seq_len else None, args.vocab_size)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,12 @@ from model import ModelConfig, PicoDecoder
 
 @dataclass
 class DatasetConfig:
-    # A local directory of Parquet shards, or "builtin:stdlib-bytes" (the offline corpus).
+    # A Hub dataset repo ("namespace/name", optionally "@revision"), a local directory of Parquet
+    # shards, or "builtin:stdlib-bytes" (the offline corpus).
     name: str = "pico-lm/pretokenized-dolma"
+    # Shards of a Hub dataset kept on disk (in the Hugging Face cache): the one being read and the
+    # next ones, downloaded in the background; older ones are deleted (a dolma shard: 42M tokens).
+    max_cached_shards: int = 2
 
 
 @dataclass
@@ -348,6 +352,12 @@ def validate(config: Config, world_size: int):
          config.checkpointing.save_every_n_steps >= 1, "a positive integer"),
         ("monitoring.logging.log_every_n_steps", config.monitoring.logging.log_every_n_steps,
          config.monitoring.logging.log_every_n_steps >= 1, "a positive integer"),
+        ("data.dataset.max_cached_shards", config.data.dataset.max_cached_shards,
+         config.data.dataset.max_cached_shards >= 1, "a positive integer"),
+        ("evaluation.metrics", config.evaluation.metrics,
+         set(config.evaluation.metrics or []) <= {"paloma"}, "a list of metrics among ['paloma']"),
+        ("evaluation.paloma.batch_size", config.evaluation.paloma.batch_size,
+         config.evaluation.paloma.batch_size >= 1, "a positive integer"),
         ("monitoring.logging.log_level", config.monitoring.logging.log_level,
          config.monitoring.logging.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
@@ -452,8 +462,11 @@ class StopSignals:
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -474,6 +487,94 @@ def peak_flops(device: torch.device) -> float | None:
 
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
+
+
+@torch.no_grad()
+def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.device, autocast,
+             byte_level: bool) -> dict:
+    """Perplexity of the model on the evaluation rows: exp of the mean next-token loss over all
+    their tokens. (pico-train's `evaluate` metric averages per-sequence perplexities instead,
+    which weighs a short sequence as much as a long one.) Rows may differ in length: each
+    batch is padded at the end, where causal attention keeps padding out of the real tokens,
+    and its labels there are -100."""
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = n_bytes = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = torch.zeros(len(chunk), max(len(r) for r in chunk), dtype=torch.long)
+        labels = torch.full((len(chunk), ids.shape[1] - 1), -100, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)] = torch.from_numpy(row)
+            labels[i, :len(row) - 1] = ids[i, 1:len(row)]
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast:
+            _, loss = model(ids[:, :-1], labels)
+        counted = int((labels != -100).sum())  # known on the host: no device sync for it
+        nll += loss.double() * counted
+        n_tokens += counted
+        n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
+    model.train()
+    mean_loss = nll.item() / n_tokens
+    results = {"perplexity": math.exp(mean_loss), "loss": mean_loss, "tokens": n_tokens}
+    if byte_level:  # every token but the end-of-document id is one byte of text
+        results["bits_per_byte"] = nll.item() / math.log(2) / n_bytes
+    return results
+
+
+class Metrics:
+    """metrics.jsonl, and Weights & Biases when monitoring.save_to_wandb: the same records."""
+
+    def __init__(self, path: Path, config: Config, log: logging.Logger):
+        self.path, self.wandb = path, None
+        if not config.monitoring.save_to_wandb:
+            return
+        try:
+            import wandb
+        except ImportError:
+            log.warning("monitoring.save_to_wandb: wandb is not installed (pip install wandb); "
+                        "metrics go to metrics.jsonl only")
+            return
+        try:
+            # A fixed id from the run name: a resumed run continues the same wandb run.
+            self.wandb = wandb.init(
+                project=config.monitoring.wandb.project or None,
+                entity=config.monitoring.wandb.entity or None, name=config.checkpointing.run_name,
+                id="".join(c if c.isalnum() or c in "-_" else "-" for c in config.checkpointing.run_name),
+                resume="allow", config=dataclasses.asdict(config),
+                settings=wandb.Settings(init_timeout=60))
+        except Exception as e:  # no network, no login, ...: the run goes on with local logs
+            log.warning(f"monitoring.save_to_wandb: wandb did not start "
+                        f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__}); "
+                        f"metrics go to metrics.jsonl only")
+
+    def write(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def run_evaluation(step: int, model, eval_rows, config: Config, device, autocast, run_dir: Path,
+                   metrics: Metrics, log: logging.Logger):
+    """Evaluate checkpoint `step` once: results already on disk are not computed again."""
+    out = run_dir / "eval_results" / f"step_{step}.json"
+    if eval_rows is None or out.exists():
+        return
+    results = evaluate(model, eval_rows, config.evaluation.paloma.batch_size, device, autocast,
+                       byte_level=config.data.tokenizer.name == "bytes")
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"paloma": results["perplexity"]}) + "\n")
+    os.replace(tmp, out)
+    metrics.write({"step": step, **{f"paloma_{k}": v for k, v in results.items()}})
+    log.info(f"eval step {step} | paloma perplexity {results['perplexity']:.3f} | loss "
+             f"{results['loss']:.4f} | {results['tokens']:,} tokens" +
+             (f" | {results['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in results else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,11 +618,16 @@ def main(argv: list[str]) -> int:
         return 0
 
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
-                               config.data.seed)
+                               config.data.seed, config.data.dataset.max_cached_shards)
     if max_steps * global_batch > shards.num_rows:
         raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "
                           f"of data, {config.data.dataset.name} has {shards.num_rows:,} "
                           f"(at most {shards.num_rows // global_batch:,} steps)")
+    eval_rows = None
+    if "paloma" in (config.evaluation.metrics or []):
+        paloma = config.evaluation.paloma
+        eval_rows = data.load_eval_set(paloma.dataset_name, paloma.dataset_split, seq_len + 1,
+                                       config.model.vocab_size, config.data.seed)
     batches = data.BatchStream(shards, global_batch, world_size, rank, start_step, max_steps,
                                pin_memory=device.type == "cuda")
 
@@ -542,14 +648,16 @@ def main(argv: list[str]) -> int:
     metrics_path = run_dir / "metrics.jsonl"
     keep_metrics_up_to(metrics_path, start_step)
     log = setup_logging(run_dir, config.monitoring.logging.log_level)
+    metrics = Metrics(metrics_path, config, log)
     log.info(f"run {run_dir} | code {code_version()} | torch {torch.__version__} | device {device} | "
              f"precision {precision} | compile {use_compile}")
     log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
              f"{len(shards.files)} shards | global batch {global_batch} x {seq_len} tokens, "
              f"{accum} micro-step(s)")
-    if ckpt_cfg.save_to_hf or config.monitoring.save_to_wandb or config.evaluation.metrics:
-        log.info("note: this version does not yet evaluate, upload to the Hub or log to wandb; "
-                 "evaluation.metrics, checkpointing.save_to_hf and monitoring.save_to_wandb are ignored")
+    if ckpt_cfg.save_to_hf:
+        log.info("note: this version does not yet upload to the Hub; checkpointing.save_to_hf is ignored")
+    if eval_rows is not None:
+        log.info(f"evaluation: {len(eval_rows):,} sequences of {config.evaluation.paloma.dataset_name}")
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {start_step}")
 
@@ -568,6 +676,8 @@ def main(argv: list[str]) -> int:
     steps_at_log = start_step
     model.train()
     try:
+        if resume_from is not None:  # a run stopped between its checkpoint and that evaluation
+            run_evaluation(start_step, model, eval_rows, config, device, autocast, run_dir, metrics, log)
         for step in range(start_step, max_steps):
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
             batch = next(batches).to(device, non_blocking=True).view(accum, -1, seq_len + 1)
@@ -606,8 +716,7 @@ def main(argv: list[str]) -> int:
                 if mfu_peak:
                     record["mfu"] = flops_per_step * tokens_per_s / (global_batch * seq_len) / mfu_peak
                     mfu = f" | mfu {record['mfu']:.1%}"
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                metrics.write(record)
                 log.info(f"step {done}/{max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
                          f"{tokens_per_s:,.0f} tok/s{mfu} | elapsed {format_seconds(elapsed)} | "
                          f"eta {format_seconds(eta)}")
@@ -615,17 +724,22 @@ def main(argv: list[str]) -> int:
 
             # Checkpoint: on schedule, at the end, and when asked to stop.
             if done % save_every == 0 or done == max_steps or stop.received:
+                paused = time.perf_counter()
                 if done != last_saved:
                     path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer,
                                                       scheduler, data_position=done * global_batch)
                     last_saved = done
                     log.info(f"saved {path}")
-                if stop.received:
+                if stop.received:  # no time for evaluation now: the resumed run does it
                     log.info(f"{stop.received}: stopped at step {done}; re-run the same command "
                              f"to resume")
                     return 0
+                run_evaluation(done, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+                t_log += time.perf_counter() - paused  # tokens/s counts training time only
     finally:
         batches.close()
+        metrics.close()
+        stop.restore()
     log.info(f"done: {max_steps} steps in {format_seconds(time.perf_counter() - t_start)}")
     return 0
 

@@ -22,5 +22,7 @@ training.optimization.max_grad_norm = 1.0
 checkpointing.run_name = "local"
 checkpointing.save_every_n_steps = 100
 checkpointing.learning_dynamics.eval_data = None
-evaluation.metrics = []
+# Perplexity at every checkpoint on the corpus's held-out split (512 rows), in bits per byte too.
+evaluation.paloma.dataset_name = "builtin:stdlib-bytes"
+evaluation.paloma.batch_size = 32
 monitoring.logging.log_every_n_steps = 10

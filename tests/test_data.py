@@ -275,3 +275,47 @@ def test_open_dataset_of_the_embedded_corpus_reads_its_train_split(corpus_builds
     shards = data.open_dataset(data.EMBEDDED_CORPUS, SEQ_LEN + 1, data.BYTE_VOCAB_SIZE)
     assert shards.files == data.list_shards(corpus / "train")
     assert shards.read(0, 2).shape == (2, SEQ_LEN + 1)
+
+
+def test_data_batch_command_rebuilds_the_batch_the_trainer_consumed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import train
+
+    rows = np.random.default_rng(0).integers(0, 64, size=(256, 33))
+    data.write_shards(rows, tmp_path / "shards")
+    config = tmp_path / "c.py"
+    config.write_text(f"""
+data.dataset.name = {str(tmp_path / 'shards')!r}
+data.dataloader.batch_size = 8
+model.vocab_size, model.max_seq_len, model.d_model, model.n_layers = 64, 32, 32, 1
+model.attention_n_heads, model.attention_n_kv_heads, model.activation_hidden_dim = 4, 2, 64
+training.max_steps = 5
+training.optimization.gradient_accumulation_steps = 2
+checkpointing.runs_dir = {str(tmp_path / 'runs')!r}
+checkpointing.run_name = "spy"
+evaluation.metrics = []
+""")
+    consumed = []  # what the training loop took from the data stream, step by step
+    real_next = data.BatchStream.__next__
+
+    def recording_next(self):
+        batch = real_next(self)
+        consumed.append(batch.clone())
+        return batch
+
+    monkeypatch.setattr(data.BatchStream, "__next__", recording_next)
+    assert train.main([str(config)]) == 0
+    assert len(consumed) == 5
+    for step in (0, 3):
+        out = tmp_path / f"batch_{step}.npy"
+        subprocess.run([sys.executable, "data.py", "batch", str(config), "--step", str(step),
+                        "--out", str(out)], check=True, capture_output=True,
+                       cwd=Path(data.__file__).parent)
+        np.testing.assert_array_equal(np.load(out), consumed[step].numpy())
+
+
+def test_data_batch_command_prints_text_for_the_byte_tokenizer():
+    assert data.byte_text([104, 105, data.EOD_ID, 0xC3, 0xA9]) == "hi<eod>é"

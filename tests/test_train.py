@@ -252,6 +252,7 @@ training:
   fabric: {{num_devices: 1, precision: bf16-mixed}}
   optimization: {{lr: 0.001, lr_warmup_steps: 1, gradient_accumulation_steps: 2}}
 checkpointing: {{run_name: yaml-run, runs_dir: {runs}}}
+evaluation: {{metrics: []}}
 """)
     result = run(config)
     assert "training.fabric ignored" in result.stderr
@@ -289,3 +290,15 @@ def test_loss_falls_on_the_embedded_corpus(tmp_path):
     curve = losses(tmp_path / "local")
     assert curve[5] > 4.0  # about ln(257) = 5.55 at the start: nothing learned yet
     assert curve[40] < curve[5] - 1.5, curve
+
+
+def test_without_wandb_installed_the_run_says_so_once_and_goes_on(tiny):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    config, runs = tiny
+    result = run(config, "--training.max_steps=2", "--monitoring.save_to_wandb=True")
+    assert result.stdout.count("wandb is not installed") == 1
+    assert sorted(losses(runs / "run")) == [1, 2]
