@@ -184,6 +184,33 @@ def bench_data(steps: int, rows_per_shard: int = 4096, global_batch: int = 1024,
         print(f"| {source} | {tokens_per_s:,.0f} |")
 
 
+def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, device: torch.device):
+    """The learning-dynamics captures of one checkpoint (train batch and val set, at default
+    settings) against the training they ride on: save_every_n_steps = 1,000 steps of the same
+    global batch, timed here as one step x 1,000."""
+    config = train.Config()
+    config.model = ModelConfig(**SUITE[name], max_seq_len=seq_len)
+    torch.manual_seed(0)
+    model = PicoDecoder(config.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens = torch.randint(0, config.model.vocab_size, (batch_size, seq_len + 1), device=device)
+    val = list(torch.randint(0, config.model.vocab_size, (val_rows, seq_len + 1)))
+    modules = train.capture_modules(model, config)
+    step_times, capture_times = [], []
+    for round_ in range(4):  # the first of each is a warm-up, not counted
+        step_times.append(step(model, optimizer, pico_loss, tokens, device))
+        start = time.perf_counter()
+        train.learning_dynamics(model, tokens, val, modules, config, device, autocast)
+        capture_times.append(time.perf_counter() - start)
+    step_s, capture_s = statistics.median(step_times[1:]), statistics.median(capture_times[1:])
+    print(f"\nMachine: {machine(device)}. pico-decoder-{name}, global batch {batch_size} x {seq_len} "
+          f"tokens, {val_rows} val rows, default captures (3 suffixes x 12 layers, sub-batch 8).\n")
+    print("| one training step | captures of one checkpoint | captures / 1,000 steps |")
+    print("|---:|---:|---:|")
+    print(f"| {step_s * 1e3:,.0f} ms | {capture_s * 1e3:,.0f} ms | {capture_s / (1000 * step_s):.2%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=SUITE, default="tiny")
@@ -195,9 +222,15 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
     parser.add_argument("--data", action="store_true", help="the data path's tokens/s instead")
     parser.add_argument("--data-steps", type=int, default=32, help="global batches read by --data")
+    parser.add_argument("--captures", action="store_true",
+                        help="the cost of a checkpoint's learning-dynamics captures instead")
+    parser.add_argument("--val-rows", type=int, default=64, help="evaluation rows for --captures")
     args = parser.parse_args()
     if args.data:
         return bench_data(args.data_steps)
+    if args.captures:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return bench_captures(args.model, args.batch_size, args.seq_len, args.val_rows, device)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -15,14 +15,18 @@ leaves `latest` pointing at a complete checkpoint; a half-written one is a stray
 import dataclasses
 import json
 import os
+import queue
 import random
+import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"
@@ -105,39 +109,157 @@ def to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     return out
 
 
-def from_hf_state(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str):
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+
+
+def read_safetensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path], Path]:
+    """Every tensor of a checkpoint: model.safetensors, or the shards model.safetensors.index.json
+    maps them to (save_pretrained splits a big model so). Also the file each tensor is in (or is
+    listed in), and the file to name for a tensor that is nowhere."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    origin: dict[str, Path] = {}
+    if single.is_file():
+        files, listing = [single], single
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            origin = {name: directory / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: cannot be read ({e.__class__.__name__}: {e}); expected "
+                                  f"a weight_map of tensor name -> file") from None
+        files, listing = sorted(set(origin.values())), index
+    else:
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                              f"(only safetensors weights are read)")
+    tensors = {}
+    for path in files:
+        try:
+            part = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
+        tensors.update(part)
+        for name in part:
+            origin.setdefault(name, path)
+    return tensors, origin, listing
+
+
+def _take_weights(tensors: dict[str, torch.Tensor], names: dict[str, str], config: ModelConfig,
+                  origin: dict[str, Path], listing: Path, ignored=()) -> dict[str, torch.Tensor]:
+    """Our state dict, names[ours] being each weight's name in the checkpoint. Every weight must be
+    there with the shape the config gives it, and no other parameter may be (a weight or bias the
+    decoder would drop computes something else); buffers, such as the rotary inv_freq of older
+    Llama checkpoints, are derived and skipped. Each problem names the tensor and its file."""
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = {k: v.shape for k, v in PicoDecoder(config).state_dict().items()}
     state = {}
-    for ours, theirs in _hf_names(config.n_layers).items():
+    for ours, theirs in names.items():
         if theirs not in tensors:
-            raise CheckpointError(f"{source}: tensor {theirs} is missing")
-        w = tensors[theirs].float()
-        if ours.endswith("q_proj.weight"):
-            w = _halves_to_interleaved(w, config.attention_n_heads)
-        elif ours.endswith("k_proj.weight"):
-            w = _halves_to_interleaved(w, config.attention_n_kv_heads)
-        state[ours] = w
+            raise CheckpointError(f"{origin.get(theirs, listing)}: tensor {theirs} is missing")
+        w = tensors[theirs]
+        if w.shape != shapes[ours]:
+            raise CheckpointError(f"{origin[theirs]}: tensor {theirs} has shape {list(w.shape)}, "
+                                  f"expected {list(shapes[ours])} for this model shape")
+        state[ours] = w.float()
+    known = set(names.values()) | set(ignored)
+    for name in sorted(tensors):
+        if name not in known and name.endswith((".weight", ".bias")):
+            raise CheckpointError(f"{origin[name]}: tensor {name} is not a weight of the "
+                                  f"pico-decoder (a model with it computes something else)")
     return state
 
 
+def from_hf_state(tensors: dict[str, torch.Tensor], config: ModelConfig, origin: dict[str, Path],
+                  listing: Path, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict from a Llama checkpoint's tensors, q/k rows permuted back to interleaved
+    RoPE. tied (tie_word_embeddings): the output projection is the input embedding, and there is
+    often no lm_head tensor at all. The embedding is copied into de_embedding_proj: untied weights
+    that start equal compute exactly what the tied model does (training then unties them)."""
+    names = _hf_names(config.n_layers)
+    if tied:
+        names["de_embedding_proj.weight"] = "model.embed_tokens.weight"
+    state = _take_weights(tensors, names, config, origin, listing,
+                          ignored=["lm_head.weight"] if tied else [])
+    for ours, w in state.items():
+        if ours.endswith("q_proj.weight"):
+            state[ours] = _halves_to_interleaved(w, config.attention_n_heads)
+        elif ours.endswith("k_proj.weight"):
+            state[ours] = _halves_to_interleaved(w, config.attention_n_kv_heads)
+    return state
+
+
+# The config.json field of a Llama checkpoint that sets each ModelConfig field.
+HF_FIELDS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers",
+             "attention_n_heads": "num_attention_heads", "attention_n_kv_heads": "num_key_value_heads",
+             "activation_hidden_dim": "intermediate_size", "vocab_size": "vocab_size",
+             "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+             "position_emb_theta": "rope_theta"}
+
+
+def _config_value(cfg: dict, key: str, kind: type, source: str):
+    """cfg[key], an int (kind int) or a number (kind float), else an error naming the field."""
+    if key not in cfg:
+        raise CheckpointError(f"{source}: field {key} is missing")
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise CheckpointError(f"{source}: {key}={json.dumps(value)}: expected "
+                              f"{'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _config_from_fields(cfg: dict, fields: dict[str, str], source: str) -> ModelConfig:
+    """ModelConfig from the config.json fields named fields[ours]; an impossible shape (heads
+    that do not divide d_model, ...) is refused naming the checkpoint's own fields."""
+    config = ModelConfig(**{
+        ours: _config_value(cfg, theirs, type(getattr(ModelConfig, ours)), source)
+        for ours, theirs in fields.items()})
+    for problem in config.problems()[:1]:
+        raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
+                                                     problem))
+    return config
+
+
 def model_config_from_hf(cfg: dict, source: str) -> ModelConfig:
+    """The decoder's shape from a Llama config.json. A Llama the decoder cannot express is refused
+    naming the field: biases, another activation, scaled RoPE, a head_dim of its own."""
     if cfg.get("model_type") != "llama":
         raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, expected 'llama' "
                               f"(the export this trainer writes) or 'pico_decoder' (pico-train's)")
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    try:
-        config = ModelConfig(
-            d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            attention_n_heads=cfg["num_attention_heads"],
-            attention_n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            activation_hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-            max_seq_len=cfg["max_position_embeddings"], norm_eps=cfg["rms_norm_eps"],
-            position_emb_theta=float(theta))
-    except KeyError as e:
-        raise CheckpointError(f"{source}: field {e.args[0]} is missing") from None
-    if cfg.get("head_dim", config.head_dim) != config.head_dim:
-        raise CheckpointError(f"{source}: head_dim={cfg['head_dim']}, the decoder needs "
-                              f"hidden_size / num_attention_heads = {config.head_dim}")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5.x writes rope_theta here, 4.x on top
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: rope_parameters={json.dumps(rope)}: expected an object")
+    # Absent or null: transformers' defaults (multi-head attention; theta 10000).
+    cfg = {**cfg, "rope_theta": cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+           "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")}
+    config = _config_from_fields(cfg, HF_FIELDS, source)
+    scaling = cfg.get("rope_scaling")
+    for key, value, ok, expected in [
+        ("hidden_act", cfg.get("hidden_act", "silu"), lambda v: v in ("silu", "swish"),
+         '"silu" (the SwiGLU gate)'),
+        ("attention_bias", cfg.get("attention_bias", False), lambda v: v is False,
+         "false (the decoder has no biases)"),
+        ("mlp_bias", cfg.get("mlp_bias", False), lambda v: v is False,
+         "false (the decoder has no biases)"),
+        ("rope_scaling", scaling, lambda v: v is None or isinstance(v, dict) and (
+            v.get("rope_type") or v.get("type")) == "default", "null (the decoder's RoPE is unscaled)"),
+        ("rope_parameters.rope_type", rope.get("rope_type", "default"), lambda v: v == "default",
+         '"default" (the decoder\'s RoPE is unscaled)'),
+        ("head_dim", cfg.get("head_dim"), lambda v: v in (None, config.head_dim),
+         f"hidden_size / num_attention_heads = {config.head_dim}"),
+        ("tie_word_embeddings", cfg.get("tie_word_embeddings", False),
+         lambda v: isinstance(v, bool), "true or false"),
+    ]:
+        if not ok(value):
+            raise CheckpointError(f"{source}: {key}={json.dumps(value)}: the pico-decoder cannot "
+                                  f"express it; expected {expected}")
     return config
+
+
+def model_config_from_pico_train(cfg: dict, source: str) -> ModelConfig:
+    """pico-train's config.json: every field of its ModelConfig, under our names."""
+    if "attention_n_kv_heads" in cfg and cfg["attention_n_kv_heads"] is None:
+        cfg = {**cfg, "attention_n_kv_heads": cfg.get("attention_n_heads")}  # one KV head per head
+    return _config_from_fields(cfg, {f.name: f.name for f in dataclasses.fields(ModelConfig)}, source)
 
 
 def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
@@ -146,32 +268,78 @@ def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Pa
 
 
 def load_hf_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    path = directory / "model.safetensors"
+    tensors, origin, listing = read_safetensors(directory)
+    return from_hf_state(tensors, config, origin, listing)
+
+
+def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """The local directory of a checkpoint, and its name for messages: path_or_repo_id itself, or
+    a snapshot of a Hub model repo ("namespace/name", a revision given as "@revision" or as
+    revision=...; pico-train publishes each step as a revision) in the Hugging Face cache, which
+    HF_HUB_OFFLINE=1 reads. Hub errors become one line naming the repo, never the token."""
+    if Path(path_or_repo_id).is_dir():
+        return Path(path_or_repo_id), path_or_repo_id
+    from huggingface_hub import constants, get_token, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id = path_or_repo_id
+    if revision is None and "@" in repo_id:
+        repo_id, revision = repo_id.rsplit("@", 1)
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    return from_hf_state(tensors, config, str(path))
+        return Path(snapshot_download(  # with a progress bar: a model can be gigabytes
+            repo_id, revision=revision,
+            # the top level only: a repo may hold other files (pico-train's training state, ...)
+            allow_patterns=["config.json", "model.safetensors.index.json", "model*.safetensors"])), name
+    except HFValidationError:
+        message = (f"{path_or_repo_id}: no such directory, and not a Hub model repo id "
+                   f"(namespace/name, optionally @revision)")
+    except RepositoryNotFoundError:
+        message = (f"{path_or_repo_id}: no local directory of that name, and no model repo {repo_id} "
+                   f"on {constants.ENDPOINT} (a private or gated repo needs a token: set HF_TOKEN "
+                   f"or run `hf auth login`)")
+    except RevisionNotFoundError:
+        message = (f"{path_or_repo_id}: model repo {repo_id} on {constants.ENDPOINT} has no "
+                   f"revision {revision!r}")
+    except OSError as e:  # huggingface_hub's HTTP, offline and not-in-cache errors among them
+        if constants.is_offline_mode():
+            reason = f"HF_HUB_OFFLINE=1 and it is not in the cache {constants.HF_HUB_CACHE}"
+        else:
+            while e.__cause__ is not None:  # the root cause, e.g. "Connection refused"
+                e = e.__cause__
+            reason = f"at {constants.ENDPOINT}: {e.__class__.__name__}: {_first_line(e)}"
+        message = (f"{path_or_repo_id}: no local directory of that name, and could not download "
+                   f"model repo {name} ({reason})")
+    token = get_token()
+    raise CheckpointError(message.replace(token, "***") if token else message)
 
 
-def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDecoder:
-    directory = Path(path_or_repo_id)
-    if not directory.is_dir():
-        # Not a local directory: a Hub model repo (pico-train publishes each step as a revision).
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(path_or_repo_id, revision=revision,
-                                           allow_patterns=["config.json", "*.safetensors"]))
+def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[ModelConfig, dict, str]:
+    """The shape and weights of a checkpoint in any format from_pretrained reads (our export, any
+    Llama the decoder can express, pico-train's), and where they came from."""
+    directory, name = locate_pretrained(path_or_repo_id, revision)
     cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{name}: no config.json; expected a Hugging Face checkpoint "
+                              f"(this trainer's export, a Llama, or pico-train's)")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: cannot be read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object of config fields")
     if cfg.get("model_type") == "pico_decoder":
         config, state = read_pico_train(directory, cfg)
     else:
         config = model_config_from_hf(cfg, str(cfg_path))
-        state = load_hf_weights(directory, config)
+        tensors, origin, listing = read_safetensors(directory)
+        state = from_hf_state(tensors, config, origin, listing,
+                              tied=cfg.get("tie_word_embeddings", False))
+    return config, state, name
+
+
+def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDecoder:
+    config, state, _ = read_pretrained(path_or_repo_id, revision)
     model = PicoDecoder(config)
     model.load_state_dict(state)
     return model
@@ -180,17 +348,68 @@ def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDe
 def read_pico_train(directory: Path, cfg: dict) -> tuple[ModelConfig, dict]:
     """pico-train's published format: its ModelConfig's fields in config.json, weights under
     "pico_decoder." + our module names, RoPE already interleaved (no permutation)."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in cfg.items() if k in names and v is not None})
-    if cfg.get("attention_n_kv_heads") is None:  # pico-train: None means one KV head per head
-        config.attention_n_kv_heads = config.attention_n_heads
-    path = directory / "model.safetensors"
+    config = model_config_from_pico_train(cfg, str(directory / "config.json"))
+    names = {ours: "pico_decoder." + ours for ours in _hf_names(config.n_layers)}
+    tensors, origin, listing = read_safetensors(directory)
+    return config, _take_weights(tensors, names, config, origin, listing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-dynamics captures: what pico-analyze reads from checkpoints/step_N/learning_dynamics/
+# ---------------------------------------------------------------------------------------------
+
+def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] | None) -> dict:
+    """{"layers.{i}.{name}": module} of the linear layers whose names end in one of the suffixes,
+    in every layer of `layers` (None: all), in layer order."""
+    wanted = set(range(model.config.n_layers) if layers is None else layers)
+    found = {}
+    for name, module in model.named_modules():
+        parts = name.split(".", 2)
+        if (len(parts) == 3 and parts[0] == "layers" and int(parts[1]) in wanted
+                and isinstance(module, torch.nn.Linear) and any(name.endswith(s) for s in suffixes)):
+            found[name] = module
+    return found
+
+
+def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, sequence_idx: int,
+                              batch_size: int, device: torch.device, autocast) -> dict:
+    """Activations, weights and gradients of `modules` on `rows` (token-id rows, data order).
+
+    activations: each module's output at position sequence_idx of each row's input (row[:-1];
+    -1 is a row's last token), one row per sample. gradients: of the mean next-token loss over
+    every token of every row, so sub-batches of batch_size change nothing but memory. They come
+    from torch.autograd.grad, which leaves the training run's .grad untouched; nothing here draws
+    a random number. float32 on the CPU, keyed by module name.
+    """
+    weights = [module.weight for module in modules.values()]
+    total_tokens = sum(len(row) - 1 for row in rows)
+    gradients = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    activations = {name: [] for name in modules}
+    positions = None  # of the current sub-batch, for the hooks
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            activations[name].append(output[torch.arange(len(positions)), positions].detach().float())
+        return hook
+
+    hooks = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    prefix = "pico_decoder."
-    return config, {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            positions = torch.tensor([sequence_idx % (len(row) - 1) if sequence_idx < 0 else sequence_idx
+                                      for row in chunk], device=device)
+            inputs, labels = (t.to(device) for t in data.collate(chunk))
+            with autocast:
+                _, loss = model(inputs, labels)
+            n_tokens = int((labels != -100).sum())
+            for g, new in zip(gradients, torch.autograd.grad(loss * (n_tokens / total_tokens), weights)):
+                g += new.float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"activations": {name: torch.cat(parts).cpu() for name, parts in activations.items()},
+            "weights": {name: w.detach().float().cpu().clone() for name, w in zip(modules, weights)},
+            "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,14 +434,6 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomically(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -232,8 +443,9 @@ def _fsync_dir(path: Path):
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
-                    data_position: int) -> Path:
-    """Write checkpoints/step_{step} completely, then point `latest` at it."""
+                    data_position: int, learning_dynamics: dict | None = None) -> Path:
+    """Write checkpoints/step_{step} completely, then point `latest` at it. learning_dynamics:
+    {"train"/"val": capture_learning_dynamics(...)}, written as learning_dynamics/{split}_{kind}.pt."""
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
     if tmp.exists():
@@ -244,12 +456,17 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                tmp / "optimizer.pt")
     torch.save({"step": step, "data_position": data_position, "rng": _rng_state()},
                tmp / "training_state.pt")
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for split, states in (learning_dynamics or {}).items():
+        (tmp / "learning_dynamics").mkdir(exist_ok=True)
+        for kind, tensors in states.items():
+            torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     for name in files:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
-    _fsync_dir(tmp)
+    for directory in [tmp] + [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync_dir(directory)
 
     if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
         old = checkpoints_dir / f".step_{step}.old"
@@ -266,6 +483,22 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
     os.replace(link_tmp, checkpoints_dir / "latest")
     _fsync_dir(checkpoints_dir)
     return final
+
+
+def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
+    """Delete optimizer.pt, twice the model's size, from all but the newest `keep` checkpoints;
+    their weights and learning dynamics stay. The manifest loses the file first, so a crash
+    between the two leaves a complete checkpoint and a stray file, never a broken one."""
+    steps = sorted((int(p.name[5:]), p) for p in checkpoints_dir.glob("step_*") if p.name[5:].isdigit())
+    for _, directory in steps[:-keep]:
+        if not (directory / "optimizer.pt").exists():
+            continue
+        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest["files"].pop("optimizer.pt", None)
+        tmp = directory / f"{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, directory / MANIFEST)
+        (directory / "optimizer.pt").unlink()
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -316,3 +549,171 @@ def restore_checkpoint(state: dict, model: PicoDecoder, optimizer, scheduler) ->
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state["step"], state["data_position"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload to the Hub
+# ---------------------------------------------------------------------------------------------
+
+UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
+
+
+def read_uploads(run_dir: Path) -> dict[str, list[int]]:
+    """run_dir/uploads.json: {"pending": [steps queued, not yet on the Hub], "uploaded": [...]}."""
+    path = Path(run_dir) / UPLOADS
+    try:
+        record = json.loads(path.read_text())
+        return {"pending": list(record["pending"]), "uploaded": list(record["uploaded"])}
+    except FileNotFoundError:
+        return {"pending": [], "uploaded": []}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.__class__.__name__}: {e}); expected "
+                              f'{{"pending": [steps], "uploaded": [steps]}}') from None
+
+
+class HubUploader:
+    """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id`,
+    as pico-train does, so that pico-analyze's --repo_id/--branch mode finds the steps by these
+    commit titles (it matches r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"):
+
+      config.json, model.safetensors, training_config.yaml  Saving HF Model -- Step N
+      learning_dynamics/train_*.pt     Saving Learning Dynamics Data (train) -- Step N
+      learning_dynamics/val_*.pt       Saving Learning Dynamics Data (val) -- Step N
+      eval_results/step_N.json         Saving Evaluation Results -- Step N
+
+    One commit per kind, none for a kind without files (captures or evaluation off). The optimizer
+    and training state stay local: resume reads the run directory. (pico-train also pushes its
+    Fabric state, under fabric_state/.)
+
+    One background thread uploads, so a training step never waits for the network. A step is
+    recorded as pending in run_dir/uploads.json before it is queued, and as uploaded once all its
+    commits are made: a step that a crash or an outage left pending is queued again at the next
+    start. A failed commit is tried `attempts` times in all, `retry_delay` seconds apart, then
+    twice that, ...; a step that still fails is logged once, with the reason, and stays pending.
+    Nothing here raises into the training loop, and the token (HF_TOKEN or the stored login) is
+    never printed.
+    """
+
+    def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
+                 retry_delay: float = 10.0):
+        self.run_dir, self.repo_id, self.branch, self.log = Path(run_dir), repo_id, branch, log
+        self.attempts, self.retry_delay = attempts, retry_delay
+        self.lock = threading.Lock()  # around uploads.json: the loop adds steps, the thread moves them
+        self.queue: queue.Queue[int | None] = queue.Queue()
+        self.given_up = threading.Event()  # set by close() when its wait runs out
+        self.repo_ready = False  # the repo and the branch exist
+        self.committed: dict[str, bytes] = {}  # path in the repo -> sha256 of what we last put there
+        left = read_uploads(self.run_dir)["pending"]
+        if left:
+            log.info(f"upload: steps {left}, left pending by an earlier run, are queued first")
+        for step in left:
+            self.queue.put(step)
+        self.thread = threading.Thread(target=self._work, name="hub upload", daemon=True)
+        self.thread.start()
+
+    def submit(self, step: int):
+        """Queue checkpoint `step` (saved, and evaluated if evaluation is on) for upload, unless
+        it is uploaded or queued already."""
+        with self.lock:
+            record = read_uploads(self.run_dir)
+            if step in record["pending"] + record["uploaded"]:
+                return
+            record["pending"].append(step)
+            self._write(record)
+        self.queue.put(step)
+
+    def close(self, timeout: float = 600.0):
+        """Wait up to `timeout` seconds for the queued uploads, the last checkpoint's among them.
+        What is left stays pending on disk for the next start."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.given_up.set()
+            self.log.warning(f"upload: still not done after {timeout:g} s; steps "
+                             f"{read_uploads(self.run_dir)['pending']} stay pending in "
+                             f"{self.run_dir / UPLOADS} and are uploaded at the next start")
+
+    def _write(self, record: dict[str, list[int]]):
+        path = self.run_dir / UPLOADS
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"repo_id": self.repo_id, "branch": self.branch, **record}) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _work(self):
+        while (step := self.queue.get()) is not None:
+            try:
+                n_commits = self._upload(step)
+                with self.lock:
+                    record = read_uploads(self.run_dir)
+                    record["pending"].remove(step)
+                    record["uploaded"].append(step)
+                    self._write(record)
+                self.log.info(f"uploaded step {step} to {self.repo_id}@{self.branch} ({n_commits} commits)")
+            except Exception as e:  # whatever went wrong, training goes on and the step stays pending
+                if not self.given_up.is_set():  # else close() has said what is left
+                    self.log.warning(f"upload of step {step} to {self.repo_id}@{self.branch} failed "
+                                     f"({self._reason(e)}); it stays pending in "
+                                     f"{self.run_dir / UPLOADS} for the next start")
+
+    def _upload(self, step: int) -> int:
+        directory = self.run_dir / "checkpoints" / f"step_{step}"
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} does not exist")
+        commits = {f"Saving HF Model -- Step {step}": {
+            "config.json": directory / "config.json",
+            "model.safetensors": directory / "model.safetensors",
+            "training_config.yaml": self.run_dir / "training_config.yaml"}}
+        for split in ("train", "val"):
+            commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
+                f"learning_dynamics/{p.name}": p
+                for p in sorted((directory / "learning_dynamics").glob(f"{split}_*.pt"))}
+        results = self.run_dir / "eval_results" / f"step_{step}.json"
+        commits[f"Saving Evaluation Results -- Step {step}"] = (
+            {f"eval_results/{results.name}": results} if results.exists() else {})
+        made = 0
+        for title, files in commits.items():
+            if files:
+                self._with_retries(lambda: self._commit(title, files))
+                made += 1
+        return made
+
+    def _commit(self, title: str, files: dict[str, Path]):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+        api = HfApi()
+        if not self.repo_ready:  # once per run, as pico-train's initialize_hf_checkpointing
+            # A repo id without a namespace is the user's: the rest of the API needs the full one.
+            self.repo_id = api.create_repo(self.repo_id, exist_ok=True).repo_id
+            api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
+            self.repo_ready = True
+        adds = [CommitOperationAdd(path, str(local)) for path, local in files.items()]
+        deletes = []
+        if all(self.committed.get(op.path_in_repo) == op.upload_info.sha256 for op in adds):
+            # The bytes of the last commit (checkpoint 1 is checkpoint 0 when the first step's
+            # learning rate is 0): huggingface_hub would skip the commit, and pico-analyze find
+            # no commit for this step. Files deleted and added again in one commit are committed.
+            deletes = [CommitOperationDelete(op.path_in_repo) for op in adds]
+        api.create_commit(self.repo_id, deletes + adds, commit_message=title, revision=self.branch)
+        self.committed.update({op.path_in_repo: op.upload_info.sha256 for op in adds})
+
+    def _with_retries(self, call):
+        delay = self.retry_delay
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return call()
+            except Exception:
+                if attempt == self.attempts or self.given_up.wait(delay):
+                    raise
+                delay *= 2
+
+    @staticmethod
+    def _reason(e: Exception) -> str:
+        """One line, without the token even if a server were to echo it."""
+        from huggingface_hub import get_token
+
+        lines = str(e).strip().splitlines()
+        reason = f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
+        token = get_token()
+        return reason.replace(token, "<token>") if token else reason

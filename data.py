@@ -250,8 +250,8 @@ class HubShards:
                     e = e.__cause__
                 reason = (f" at {constants.ENDPOINT} ({e.__class__.__name__}: "
                           f"{(str(e).strip().splitlines() or [''])[0]})")
-            message = (f"could not {what} of {self.name}{reason}; to train from a local copy set "
-                       f"data.dataset.name to a directory of Parquet shards")
+            message = (f"could not {what} of {self.name}{reason}; to use a local copy set "
+                       f"{self.key} to a directory of Parquet shards")
         token = get_token()
         raise DataError(message.replace(token, "***") if token else message)
 
@@ -447,6 +447,18 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
     return [values[s:s + n] for s, n in zip(starts, lengths)]
 
 
+def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels of rows that may differ in length: row[:-1] and row[1:], padded at the
+    end (input 0, label -100), where causal attention keeps padding out of the real tokens."""
+    width = max(len(row) for row in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(row)
+        inputs[i, :len(row) - 1], labels[i, :len(row) - 1] = row[:-1], row[1:]
+    return inputs, labels
+
+
 def in_split(file: str, split: str) -> bool:
     """Whether a repo file belongs to `split`: a folder of that name, or a file name that starts
     with it (pico-lm's "data/val-00000-of-00001.parquet")."""
@@ -454,7 +466,8 @@ def in_split(file: str, split: str) -> bool:
     return split in parts[:-1] or re.match(rf"{re.escape(split)}[-_.]", parts[-1]) is not None
 
 
-def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0):
+def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0,
+                  key: str = "evaluation.paloma.dataset_name"):
     """The fixed evaluation sequences: the embedded corpus's validation split, the `split` files
     of a Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or the `split` subdirectory of a
     local directory (else the directory itself). Rows of up to max_seq_len + 1 tokens; held in
@@ -462,17 +475,17 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(max_row_len - 1, seed) / "val"
     elif repo := hub_repo(name):
-        hub = HubShards(*repo, None, vocab_size, key="evaluation.paloma.dataset_name")
+        hub = HubShards(*repo, None, vocab_size, key=key)
         picked = [k for k, f in enumerate(hub.files) if not split or in_split(f, split)]
         if not picked:
-            raise DataError(f"evaluation.paloma.dataset_split={split!r}: dataset repo {hub.name} has "
-                            f"no .parquet files of that split (files: {', '.join(hub.files[:5])})")
+            raise DataError(f"{key}: dataset repo {hub.name} has no split {split!r}: "
+                            f"no .parquet files of it (files: {', '.join(hub.files[:5])})")
         return [row for k in picked
                 for row in read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))]
     else:
         directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
         if not Path(name).is_dir():
-            raise DataError(f"evaluation.paloma.dataset_name: directory {name} does not exist; "
+            raise DataError(f"{key}: directory {name} does not exist; "
                             f"expected a directory of Parquet shards or {EMBEDDED_CORPUS!r}")
     return [row for path in list_shards(directory) for row in read_rows(path, max_row_len, vocab_size)]
 

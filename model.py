@@ -237,7 +237,9 @@ class PicoDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None) -> "PicoDecoder":
-        """Load a checkpoint written by checkpoint.py (a Hugging Face Llama export)."""
+        """Load this trainer's export, pico-train's published format, or any transformers
+        LlamaForCausalLM safetensors checkpoint the decoder can express: from a local directory,
+        or from a Hub model repo ("namespace/name", optionally "@revision" or revision=...)."""
         import checkpoint  # checkpoint.py owns every on-disk format; it imports this module
 
         return checkpoint.load_pretrained(path_or_repo_id, revision=revision)

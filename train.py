@@ -91,20 +91,33 @@ class TrainingConfig:
 @dataclass
 class TrainingCheckpointingConfig:
     auto_resume: bool = True
+    # The weights a new run starts from: a checkpoint directory or a Hub model repo
+    # ("namespace/name[@revision]"), in any format PicoDecoder.from_pretrained reads, e.g. to
+    # continue a published pico-decoder. Its shape must equal model.*. A resumed run ignores it.
+    init_from: str | None = None
 
 
 @dataclass
 class HuggingFaceCheckpointingConfig:
-    repo_id: str = ""
+    repo_id: str = ""  # with checkpointing.save_to_hf: each checkpoint goes to branch run_name here
     collection_slug: str | None = None
+    # A failed upload is tried upload_attempts times in all, upload_retry_delay seconds apart, then
+    # twice that, ...; a checkpoint still not uploaded is uploaded at the run's next start.
+    upload_attempts: int = 5
+    upload_retry_delay: float = 10.0
 
 
 @dataclass
 class LearningDynamicsCheckpointingConfig:
+    # Modules captured in every layer, by the end of their names (see model.py)
     layer_suffixes: list[str] = field(
         default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
-    sequence_idx: int = -1
-    batch_size: int = 8
+    layers: list[int] | None = None  # None: every layer
+    sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
+    batch_size: int = 8  # sub-batch of the capture's forward/backward; never changes the result
+    capture_train: bool = True  # train_*.pt: on the batch the checkpoint's last step trained on
+    # val_*.pt: on this fixed set (a Hub repo's val split, a directory or builtin:stdlib-bytes);
+    # None: no val captures, as in pico-train
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
 
 
@@ -113,6 +126,12 @@ class CheckpointingConfig:
     run_name: str | None = None  # None: a timestamp (which never resumes)
     runs_dir: str = "runs"
     save_every_n_steps: int = 1000
+    # Pythia-style extra checkpoints early on, where most learning dynamics happen: steps 0, 1,
+    # 2, 4, ... up to this step. 0: none.
+    log_spaced_until: int = 512
+    # optimizer.pt is twice the model's size: keep it in the newest N checkpoints only (resume
+    # always has the newest); weights and learning dynamics stay in all. None: keep every one.
+    keep_last_n_optimizer_states: int | None = None
     save_to_hf: bool = False
     hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
     training: TrainingCheckpointingConfig = field(default_factory=TrainingCheckpointingConfig)
@@ -288,7 +307,9 @@ def _parse_override(arg: str, config: Config):
     except (ValueError, SyntaxError):
         value = text  # "falling back to strings"
     hint = typing.get_type_hints(type(section))[name]
-    if str in typing.get_args(hint) + (hint,) and not isinstance(value, (str, type(None))):
+    alternatives = (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+                    else (hint,))
+    if str in alternatives and not isinstance(value, (str, type(None))):
         value = text  # --checkpointing.run_name=123 means the string "123"
     setattr(section, name, value)
 
@@ -326,6 +347,7 @@ def validate(config: Config, world_size: int):
     """Every impossible combination, each named, before anything is built or written."""
     problems = config.model.problems()
     opt, training = config.training.optimization, config.training
+    ld, hf = config.checkpointing.learning_dynamics, config.checkpointing.hf_checkpoint
     per_step = world_size * opt.gradient_accumulation_steps
     for key, value, ok, expected in [
         ("training.optimization.gradient_accumulation_steps", opt.gradient_accumulation_steps,
@@ -350,6 +372,24 @@ def validate(config: Config, world_size: int):
          training.precision in ("auto", "bf16-mixed", "32"), "'auto', 'bf16-mixed' or '32'"),
         ("checkpointing.save_every_n_steps", config.checkpointing.save_every_n_steps,
          config.checkpointing.save_every_n_steps >= 1, "a positive integer"),
+        ("checkpointing.log_spaced_until", config.checkpointing.log_spaced_until,
+         config.checkpointing.log_spaced_until >= 0, "a non-negative integer"),
+        ("checkpointing.keep_last_n_optimizer_states", config.checkpointing.keep_last_n_optimizer_states,
+         (config.checkpointing.keep_last_n_optimizer_states or 1) >= 1, "None or a positive integer"),
+        ("checkpointing.hf_checkpoint.repo_id", hf.repo_id, hf.repo_id or not config.checkpointing.save_to_hf,
+         "a Hub model repo id (namespace/name) when checkpointing.save_to_hf is true"),
+        ("checkpointing.hf_checkpoint.upload_attempts", hf.upload_attempts, hf.upload_attempts >= 1,
+         "a positive integer"),
+        ("checkpointing.hf_checkpoint.upload_retry_delay", hf.upload_retry_delay,
+         hf.upload_retry_delay >= 0, "a non-negative number of seconds"),
+        ("checkpointing.learning_dynamics.batch_size", ld.batch_size, ld.batch_size >= 1,
+         "a positive integer"),
+        ("checkpointing.learning_dynamics.sequence_idx", ld.sequence_idx,
+         -config.model.max_seq_len <= ld.sequence_idx < 1, "a position from the end of each row, "
+         "-1 (the last) to -model.max_seq_len, or 0 (the first)"),
+        ("checkpointing.learning_dynamics.layers", ld.layers,
+         all(0 <= i < config.model.n_layers for i in ld.layers or []),
+         f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
         ("monitoring.logging.log_every_n_steps", config.monitoring.logging.log_every_n_steps,
          config.monitoring.logging.log_every_n_steps >= 1, "a positive integer"),
         ("data.dataset.max_cached_shards", config.data.dataset.max_cached_shards,
@@ -389,6 +429,23 @@ def check_resume_compatible(config: Config, saved_path: Path):
     if differ:
         raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
                           f"{'; '.join(differ)}; use another checkpointing.run_name")
+
+
+def read_init_weights(config: Config) -> tuple[dict, str]:
+    """The weights of checkpointing.training.init_from, and where they came from, after checking
+    that its shape is the config's model.*."""
+    source = config.checkpointing.training.init_from
+    try:
+        shape, state, name = checkpoint.read_pretrained(source)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"checkpointing.training.init_from={source!r}: {e}") from None
+    differ = [f"model.{f.name} (checkpoint: {getattr(shape, f.name)!r}, config: "
+              f"{getattr(config.model, f.name)!r})" for f in dataclasses.fields(ModelConfig)
+              if getattr(shape, f.name) != getattr(config.model, f.name)]
+    if differ:
+        raise ConfigError(f"checkpointing.training.init_from={source!r}: its shape differs from the "
+                          f"config on {'; '.join(differ)}; set those model.* keys to the checkpoint's")
+    return state, name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +492,13 @@ def setup_logging(run_dir: Path, level: str) -> logging.Logger:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+def hub_uploader(config: Config, run_dir: Path, log: logging.Logger) -> checkpoint.HubUploader:
+    """Uploads of the run's checkpoints to checkpointing.hf_checkpoint.repo_id, branch run_name."""
+    hf = config.checkpointing.hf_checkpoint
+    return checkpoint.HubUploader(run_dir, hf.repo_id, config.checkpointing.run_name, log,
+                                  hf.upload_attempts, hf.upload_retry_delay)
 
 
 def code_version() -> str:
@@ -494,22 +558,16 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
              byte_level: bool) -> dict:
     """Perplexity of the model on the evaluation rows: exp of the mean next-token loss over all
     their tokens. (pico-train's `evaluate` metric averages per-sequence perplexities instead,
-    which weighs a short sequence as much as a long one.) Rows may differ in length: each
-    batch is padded at the end, where causal attention keeps padding out of the real tokens,
-    and its labels there are -100."""
+    which weighs a short sequence as much as a long one.) Rows may differ in length
+    (data.collate)."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids = torch.zeros(len(chunk), max(len(r) for r in chunk), dtype=torch.long)
-        labels = torch.full((len(chunk), ids.shape[1] - 1), -100, dtype=torch.long)
-        for i, row in enumerate(chunk):
-            ids[i, :len(row)] = torch.from_numpy(row)
-            labels[i, :len(row) - 1] = ids[i, 1:len(row)]
-        ids, labels = ids.to(device), labels.to(device)
+        inputs, labels = (t.to(device) for t in data.collate(chunk))
         with autocast:
-            _, loss = model(ids[:, :-1], labels)
+            _, loss = model(inputs, labels)
         counted = int((labels != -100).sum())  # known on the host: no device sync for it
         nll += loss.double() * counted
         n_tokens += counted
@@ -577,6 +635,39 @@ def run_evaluation(step: int, model, eval_rows, config: Config, device, autocast
              (f" | {results['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in results else ""))
 
 
+def is_checkpoint_step(step: int, config: Config) -> bool:
+    """On schedule (save_every_n_steps), at the end, and at the log-spaced early steps."""
+    ckpt = config.checkpointing
+    early = step <= ckpt.log_spaced_until and (step == 0 or step & (step - 1) == 0)
+    return step % ckpt.save_every_n_steps == 0 or step == config.training.max_steps or early
+
+
+def capture_modules(model: PicoDecoder, config: Config) -> dict:
+    """The modules whose learning dynamics are captured; a suffix that matches none is an error."""
+    ld = config.checkpointing.learning_dynamics
+    modules = checkpoint.capture_modules(model, ld.layer_suffixes, ld.layers)
+    valid = sorted(name.split(".", 2)[2] for name in checkpoint.capture_modules(model, [""], [0]))
+    for suffix in ld.layer_suffixes:
+        if not any(name.endswith(suffix) for name in modules):
+            raise ConfigError(f"checkpointing.learning_dynamics.layer_suffixes: {suffix!r} matches no "
+                              f"module; expected some of {', '.join(valid)}")
+    return modules
+
+
+def learning_dynamics(model, train_batch, val_rows, modules, config: Config, device, autocast) -> dict:
+    """The captures of one checkpoint: on the global batch its last step trained on, and on the
+    fixed evaluation rows."""
+    ld = config.checkpointing.learning_dynamics
+    splits = {}
+    if ld.capture_train:
+        splits["train"] = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
+    if val_rows is not None:
+        splits["val"] = val_rows
+    return {split: checkpoint.capture_learning_dynamics(model, rows, modules, ld.sequence_idx,
+                                                        ld.batch_size, device, autocast)
+            for split, rows in splits.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -607,14 +698,19 @@ def main(argv: list[str]) -> int:
     run_dir = Path(ckpt_cfg.runs_dir) / ckpt_cfg.run_name
     checkpoints_dir = run_dir / "checkpoints"
     resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if ckpt_cfg.training.auto_resume else None
-    resumed = None
+    resumed = init_state = init_name = None
     if resume_from is not None:
         check_resume_compatible(config, run_dir / "training_config.yaml")
         resumed = checkpoint.read_checkpoint(resume_from, config.model)
+    elif ckpt_cfg.training.init_from is not None:  # a new run from given weights: read them now too
+        init_state, init_name = read_init_weights(config)
     start_step = resumed["step"] if resumed else 0
     if start_step >= max_steps:
         print(f"{run_dir}: already trained to step {start_step} (training.max_steps={max_steps}); "
               f"nothing to do")
+        if ckpt_cfg.save_to_hf and checkpoint.read_uploads(run_dir)["pending"]:  # failed uploads
+            log = setup_logging(run_dir, config.monitoring.logging.log_level)
+            hub_uploader(config, run_dir, log).close()
         return 0
 
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
@@ -628,17 +724,32 @@ def main(argv: list[str]) -> int:
         paloma = config.evaluation.paloma
         eval_rows = data.load_eval_set(paloma.dataset_name, paloma.dataset_split, seq_len + 1,
                                        config.model.vocab_size, config.data.seed)
+    ld = ckpt_cfg.learning_dynamics
+    ld_rows = None
+    if ld.eval_data is not None:
+        same = eval_rows is not None and (ld.eval_data, "val") == (paloma.dataset_name, paloma.dataset_split)
+        ld_rows = eval_rows if same else data.load_eval_set(
+            ld.eval_data, "val", seq_len + 1, config.model.vocab_size, config.data.seed,
+            key="checkpointing.learning_dynamics.eval_data")
+        shortest = min(len(row) - 1 for row in ld_rows)
+        if ld.sequence_idx < -shortest:
+            raise ConfigError(f"checkpointing.learning_dynamics.sequence_idx={ld.sequence_idx}: "
+                              f"{ld.eval_data} has rows of only {shortest} input tokens")
     batches = data.BatchStream(shards, global_batch, world_size, rank, start_step, max_steps,
                                pin_memory=device.type == "cuda")
 
     torch.manual_seed(config.training.seed)
     model = PicoDecoder(config.model).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        init_state = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if resumed:
         checkpoint.restore_checkpoint(resumed, model, optimizer, scheduler)
         del resumed
+    captured = capture_modules(model, config)
 
     # Everything checked: now the run directory may be written.
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -654,12 +765,17 @@ def main(argv: list[str]) -> int:
     log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
              f"{len(shards.files)} shards | global batch {global_batch} x {seq_len} tokens, "
              f"{accum} micro-step(s)")
-    if ckpt_cfg.save_to_hf:
-        log.info("note: this version does not yet upload to the Hub; checkpointing.save_to_hf is ignored")
+    uploader = None
+    if ckpt_cfg.save_to_hf:  # on rank 0 only, once this trains on many processes
+        uploader = hub_uploader(config, run_dir, log)
+        log.info(f"upload: each checkpoint to {ckpt_cfg.hf_checkpoint.repo_id}, branch {ckpt_cfg.run_name}")
     if eval_rows is not None:
         log.info(f"evaluation: {len(eval_rows):,} sequences of {config.evaluation.paloma.dataset_name}")
     if resume_from is not None:
-        log.info(f"resumed from {resume_from} at step {start_step}")
+        log.info(f"resumed from {resume_from} at step {start_step}" + (
+            "; checkpointing.training.init_from ignored" if ckpt_cfg.training.init_from else ""))
+    elif init_name is not None:
+        log.info(f"initial weights from {init_name} (checkpointing.training.init_from)")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
@@ -669,8 +785,18 @@ def main(argv: list[str]) -> int:
     mfu_peak = peak_flops(device)
     flops_per_step = model.flops_per_token(seq_len) * global_batch * seq_len
 
+    def save(done: int, train_batch) -> Path:
+        """Checkpoint `done` (optimizer steps completed) with its learning-dynamics captures."""
+        captures = learning_dynamics(model, train_batch, ld_rows, captured, config, device, autocast)
+        path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer, scheduler,
+                                          data_position=done * global_batch, learning_dynamics=captures)
+        if ckpt_cfg.keep_last_n_optimizer_states is not None:
+            checkpoint.drop_old_optimizer_states(checkpoints_dir, ckpt_cfg.keep_last_n_optimizer_states)
+        log.info(f"saved {path}")
+        return path
+
     stop = StopSignals()
-    log_every, save_every = config.monitoring.logging.log_every_n_steps, ckpt_cfg.save_every_n_steps
+    log_every = config.monitoring.logging.log_every_n_steps
     last_saved = start_step if resume_from is not None else None
     t_start = t_log = time.perf_counter()
     steps_at_log = start_step
@@ -678,9 +804,17 @@ def main(argv: list[str]) -> int:
     try:
         if resume_from is not None:  # a run stopped between its checkpoint and that evaluation
             run_evaluation(start_step, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+            if uploader:  # ... or that upload: nothing happens if it was uploaded
+                uploader.submit(start_step)
         for step in range(start_step, max_steps):
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
             batch = next(batches).to(device, non_blocking=True).view(accum, -1, seq_len + 1)
+            if step == 0 and last_saved is None and is_checkpoint_step(0, config):
+                save(0, batch)  # the initialisation, captured on the first batch
+                last_saved = 0
+                run_evaluation(0, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+                if uploader:
+                    uploader.submit(0)
             # Forward and backward: each micro-batch's mean loss, scaled so the gradient is that
             # of the mean over the whole global batch.
             step_loss = torch.zeros((), device=device)
@@ -723,23 +857,25 @@ def main(argv: list[str]) -> int:
                 t_log, steps_at_log = now, done
 
             # Checkpoint: on schedule, at the end, and when asked to stop.
-            if done % save_every == 0 or done == max_steps or stop.received:
+            if is_checkpoint_step(done, config) or stop.received:
                 paused = time.perf_counter()
                 if done != last_saved:
-                    path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer,
-                                                      scheduler, data_position=done * global_batch)
+                    save(done, batch)
                     last_saved = done
-                    log.info(f"saved {path}")
                 if stop.received:  # no time for evaluation now: the resumed run does it
                     log.info(f"{stop.received}: stopped at step {done}; re-run the same command "
                              f"to resume")
                     return 0
                 run_evaluation(done, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+                if uploader:  # in the background: the next step starts now
+                    uploader.submit(done)
                 t_log += time.perf_counter() - paused  # tokens/s counts training time only
     finally:
         batches.close()
         metrics.close()
         stop.restore()
+        if uploader:  # waits for the last checkpoints' uploads (bounded; the rest stay pending)
+            uploader.close()
     log.info(f"done: {max_steps} steps in {format_seconds(time.perf_counter() - t_start)}")
     return 0
 

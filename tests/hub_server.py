@@ -7,15 +7,24 @@ Files ending in LFS_SUFFIXES are served as the Hub serves LFS files: their resol
 to a CDN on another origin (`localhost` for `127.0.0.1`, same port), which serves the bytes, with
 HTTP ranges. Every request is logged in `log`.
 
-To add an endpoint (say the write API: create repo or branch, preupload, commit, list commits):
-add a `(methods, pattern, handler name)` entry to Handler.ROUTES and a method that answers with
-`reply`.
+The write API is served too: create a repo or a branch, preupload (every file "regular", so the
+client sends it inline in the commit, base64), commit (NDJSON), and list a branch's commits. A
+commit is a new directory, its parent's files with the commit's written over them, in a temporary
+directory removed by stop(); its title is kept for list_repo_commits. `fail_commits = 500` makes
+every commit answer that status.
+
+To add an endpoint: add a `(methods, pattern, handler name)` entry to Handler.ROUTES and a method
+that answers with `reply`.
 """
 
+import base64
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -53,6 +62,9 @@ class HubServer:
     def __init__(self):
         self.branches: dict[tuple[str, str], dict[str, str]] = {}  # (type, repo) -> {branch: sha}
         self.commits: dict[str, Path] = {}  # commit sha -> the directory of its files
+        self.history: dict[str, dict] = {}  # sha of a written commit -> title, message, date, parent
+        self.fail_commits: int | None = None  # a status every commit is answered with (500, say)
+        self.storage = Path(tempfile.mkdtemp(prefix="hub-server-"))  # written commits' files
         self.log: list[dict] = []  # method, host, path, query, range, authorization
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -70,6 +82,28 @@ class HubServer:
             self.branches.setdefault((repo_type + "s", repo_id), {})[branch] = sha
         return sha
 
+    def write_commit(self, kind: str, repo: str, branch: str, files: dict[str, bytes | None],
+                     title: str, message: str = "") -> str:
+        """A new commit on `branch` (kind "models" or "datasets"): the files of the branch's head,
+        if any, with `files` written (None: deleted); returns its sha."""
+        with self.lock:
+            parent = self.branches.get((kind, repo), {}).get(branch)
+            sha = hashlib.sha1(f"{kind}/{repo}@{branch}#{len(self.commits)}".encode()).hexdigest()
+            directory = self.storage / sha
+            if parent:
+                shutil.copytree(self.commits[parent], directory)
+            directory.mkdir(exist_ok=True)
+            for path, content in files.items():
+                (directory / path).unlink(missing_ok=True)
+                if content is not None:
+                    (directory / path).parent.mkdir(parents=True, exist_ok=True)
+                    (directory / path).write_bytes(content)
+            self.commits[sha] = directory
+            self.history[sha] = {"repo": (kind, repo), "title": title, "message": message, "parent": parent,
+                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+            self.branches.setdefault((kind, repo), {})[branch] = sha
+        return sha
+
     def requests_for(self, text: str) -> list[dict]:
         """The logged requests whose path contains `text` (a file name, say)."""
         with self.lock:
@@ -82,6 +116,7 @@ class HubServer:
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+        shutil.rmtree(self.storage, ignore_errors=True)
 
     __enter__ = start
 
@@ -106,6 +141,11 @@ class Handler(BaseHTTPRequestHandler):
         (("HEAD", "GET"), r"^/cdn/(?P<sha>[0-9a-f]{40})/(?P<path>.+)$", "cdn"),
         (("GET",), rf"^/api/{REPO}(?:/revision/(?P<rev>[^/]+))?$", "revision"),
         (("GET",), rf"^/api/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$", "tree"),
+        (("POST",), r"^/api/repos/create$", "create_repo"),
+        (("POST",), rf"^/api/{REPO}/branch/(?P<branch>[^/]+)$", "create_branch"),
+        (("POST",), rf"^/api/{REPO}/preupload/(?P<rev>[^/]+)$", "preupload"),
+        (("POST",), rf"^/api/{REPO}/commit/(?P<rev>[^/]+)$", "create_commit"),
+        (("GET",), rf"^/api/{REPO}/commits/(?P<rev>[^/]+)$", "list_commits"),
     ]
 
     def log_message(self, *args):  # quiet: requests go to hub.log
@@ -134,6 +174,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.route("GET")
 
+    def do_POST(self):
+        self.route("POST")
+
+    def body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     def reply(self, status: int, body=b"", headers: dict | None = None, method: str = "GET"):
         if not isinstance(body, bytes):
             body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
@@ -147,7 +193,8 @@ class Handler(BaseHTTPRequestHandler):
     def commit(self, method: str, kind: str, repo: str, rev: str) -> str | None:
         """The commit sha of a revision (a branch or a sha), or None after answering 404."""
         branches = self.hub.branches.get((kind, repo))
-        if branches is not None and (rev in branches or rev in branches.values()):
+        if branches is not None and (rev in branches or rev in branches.values()
+                                     or self.hub.history.get(rev, {}).get("repo") == (kind, repo)):
             return branches.get(rev, rev)
         code = "RepoNotFound" if branches is None else "RevisionNotFound"
         self.reply(404, {"error": f"{code}: {repo}@{rev}"}, {"X-Error-Code": code}, method)
@@ -224,3 +271,73 @@ class Handler(BaseHTTPRequestHandler):
             if p.name.endswith(LFS_SUFFIXES):
                 entries[-1]["lfs"] = {"oid": lfs_id, "size": p.stat().st_size, "pointerSize": 134}
         self.reply(200, entries)
+
+    # The write API
+
+    def repo_url(self, kind: str, repo: str) -> str:
+        return f"{self.hub.endpoint}/{'' if kind == 'models' else kind + '/'}{repo}"
+
+    def create_repo(self, method, query):
+        request = json.loads(self.body())
+        kind = (request.get("type") or "model") + "s"
+        repo = "/".join(filter(None, [request.get("organization"), request["name"]]))
+        if (kind, repo) in self.hub.branches:
+            return self.reply(409, {"error": "You already created this repo", "url": self.repo_url(kind, repo)})
+        self.hub.write_commit(kind, repo, "main", {}, "initial commit")
+        self.reply(200, {"url": self.repo_url(kind, repo)})
+
+    def create_branch(self, method, query, type, repo, branch):
+        request = json.loads(self.body() or b"{}")
+        if not (sha := self.commit(method, type, repo, request.get("startingPoint", "main"))):
+            return
+        with self.hub.lock:
+            branches = self.hub.branches[(type, repo)]
+            if branch in branches:
+                return self.reply(409, {"error": f"Reference already exists: {branch}"})
+            branches[branch] = sha
+        self.reply(200, {})
+
+    def preupload(self, method, query, type, repo, rev):
+        request = json.loads(self.body())
+        if not (sha := self.commit(method, type, repo, rev)):
+            return
+        answers = []
+        for file in request["files"]:
+            answers.append({"path": file["path"], "uploadMode": "regular", "shouldIgnore": False})
+            if (self.hub.commits[sha] / file["path"]).is_file():  # lets the client skip unchanged files
+                answers[-1]["oid"] = self.hub.file_ids(self.hub.commits[sha] / file["path"])[0]
+        self.reply(200, {"files": answers})
+
+    def create_commit(self, method, query, type, repo, rev):
+        lines = [json.loads(line) for line in self.body().splitlines() if line.strip()]
+        if self.hub.fail_commits:
+            return self.reply(self.hub.fail_commits, {"error": "commit refused (HubServer.fail_commits)"})
+        if not self.commit(method, type, repo, rev):
+            return
+        if rev not in self.hub.branches[(type, repo)]:
+            return self.reply(400, {"error": f"{rev} is not a branch; the stand-in commits to branches only"})
+        header, files = {}, {}
+        for line in lines:
+            key, value = line["key"], line["value"]
+            if key == "header":
+                header = value
+            elif key == "file" and value.get("encoding") == "base64":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "deletedFile":
+                files[value["path"]] = None
+            else:
+                return self.reply(400, {"error": f"the stand-in does not take {key!r} operations"})
+        sha = self.hub.write_commit(type, repo, rev, files, header["summary"], header.get("description", ""))
+        self.reply(200, {"commitOid": sha, "commitUrl": f"{self.repo_url(type, repo)}/commit/{sha}",
+                         "success": True})
+
+    def list_commits(self, method, query, type, repo, rev):
+        if not (sha := self.commit(method, type, repo, rev)):
+            return
+        commits = []
+        while sha in self.hub.history:  # newest first, as the Hub lists them
+            entry = self.hub.history[sha]
+            commits.append({"id": sha, "title": entry["title"], "message": entry["message"],
+                            "authors": [{"user": "pico-test"}], "date": entry["date"]})
+            sha = entry["parent"]
+        self.reply(200, commits)

@@ -297,6 +297,7 @@ training.optimization.gradient_accumulation_steps = 2
 checkpointing.runs_dir = {str(tmp_path / 'runs')!r}
 checkpointing.run_name = "spy"
 evaluation.metrics = []
+checkpointing.learning_dynamics.eval_data = None
 """)
     consumed = []  # what the training loop took from the data stream, step by step
     real_next = data.BatchStream.__next__

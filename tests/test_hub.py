@@ -157,6 +157,9 @@ def test_resume_at_a_later_step_downloads_no_earlier_shard(repo, hub):
 
 def test_resume_with_the_cache_of_an_earlier_run_requests_no_earlier_shard(repo, hub):
     open_repo().read(0, 2 * ROWS)  # an earlier run read shards 0 and 1
+    for thread in threading.enumerate():  # and prefetched shard 2 in the background
+        if thread.name.startswith("prefetch "):
+            thread.join(timeout=10)
     hub.log.clear()
     np.testing.assert_array_equal(open_repo().read(3 * ROWS + 2, 8), expected_rows(3 * ROWS + 2, 8))
     assert not any(hub.requests_for(shard_name(k, 4)) for k in range(3))
@@ -310,6 +313,7 @@ checkpointing.run_name = "run"
 checkpointing.runs_dir = {runs!r}
 checkpointing.save_every_n_steps = 4
 evaluation.metrics = []
+checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
 """
 

@@ -37,6 +37,7 @@ checkpointing.run_name = "run"
 checkpointing.runs_dir = {runs!r}
 checkpointing.save_every_n_steps = 4
 evaluation.metrics = []
+checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
 """
 
@@ -90,7 +91,9 @@ def test_run_writes_the_contracted_run_directory(tiny):
     assert saved["model"]["d_model"] == 32 and saved["checkpointing"]["run_name"] == "run"
     assert sorted(losses(run_dir)) == list(range(1, 13))
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_12", "step_4", "step_8"]
+    # every save_every_n_steps=4, at the end, and log-spaced early: 0, 1, 2, 4, ... (up to 512)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest", "step_0", "step_1", "step_12", "step_2", "step_4", "step_8"]
     assert os.readlink(checkpoints / "latest") == "step_12"
     for name in ("config.json", "model.safetensors", "optimizer.pt", "training_state.pt"):
         assert (checkpoints / "step_12" / name).is_file()
@@ -129,7 +132,7 @@ def test_resume_after_kill_9_is_the_same_run(tiny):
     run(config, *longer, "--checkpointing.run_name=whole")
     proc = start(config, *longer)
     for line in proc.stdout:
-        if "saved" in line:
+        if "saved" in line and "step_10" in line:
             proc.kill()
             break
     proc.wait(timeout=60)
@@ -251,7 +254,7 @@ training:
   max_steps: 2
   fabric: {{num_devices: 1, precision: bf16-mixed}}
   optimization: {{lr: 0.001, lr_warmup_steps: 1, gradient_accumulation_steps: 2}}
-checkpointing: {{run_name: yaml-run, runs_dir: {runs}}}
+checkpointing: {{run_name: yaml-run, runs_dir: {runs}, learning_dynamics: {{eval_data: null}}}}
 evaluation: {{metrics: []}}
 """)
     result = run(config)
@@ -265,10 +268,12 @@ def test_overrides_parse_python_literals_and_fall_back_to_strings(tiny):
     cfg = train.load_config(str(config), ["--training.optimization.max_grad_norm=0.5",
                                           "--checkpointing.run_name=123",
                                           "--evaluation.metrics=['paloma']",
+                                          "--checkpointing.learning_dynamics.layer_suffixes=['swiglu.w_2']",
                                           "--training.optimization.lr=1"])
     assert cfg.training.optimization.max_grad_norm == 0.5
     assert cfg.checkpointing.run_name == "123"
     assert cfg.evaluation.metrics == ["paloma"]
+    assert cfg.checkpointing.learning_dynamics.layer_suffixes == ["swiglu.w_2"]
     assert cfg.training.optimization.lr == 1.0 and isinstance(cfg.training.optimization.lr, float)
 
 
@@ -286,6 +291,7 @@ def test_loss_falls_on_the_embedded_corpus(tmp_path):
     # configs/local.py, narrowed so the test takes seconds
     run(ROOT / "configs" / "local.py", "--training.max_steps=40", "--data.dataloader.batch_size=8",
         "--model.d_model=64", "--model.n_layers=2", "--model.activation_hidden_dim=256",
+        "--checkpointing.log_spaced_until=0", "--evaluation.metrics=[]",
         f"--checkpointing.runs_dir={tmp_path}", "--monitoring.logging.log_every_n_steps=5")
     curve = losses(tmp_path / "local")
     assert curve[5] > 4.0  # about ln(257) = 5.55 at the start: nothing learned yet
