@@ -785,36 +785,41 @@ def main(argv: list[str]) -> int:
     mfu_peak = peak_flops(device)
     flops_per_step = model.flops_per_token(seq_len) * global_batch * seq_len
 
-    def save(done: int, train_batch) -> Path:
+    last_saved = start_step if resume_from is not None else None
+
+    def save(done: int, train_batch):
         """Checkpoint `done` (optimizer steps completed) with its learning-dynamics captures."""
+        nonlocal last_saved
+        if done == last_saved:
+            return
         captures = learning_dynamics(model, train_batch, ld_rows, captured, config, device, autocast)
         path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer, scheduler,
                                           data_position=done * global_batch, learning_dynamics=captures)
         if ckpt_cfg.keep_last_n_optimizer_states is not None:
             checkpoint.drop_old_optimizer_states(checkpoints_dir, ckpt_cfg.keep_last_n_optimizer_states)
+        last_saved = done
         log.info(f"saved {path}")
-        return path
+
+    def evaluate_and_upload(done: int):
+        """What follows a saved checkpoint; each skips what an earlier start already did."""
+        run_evaluation(done, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+        if uploader:  # in the background: the next step starts now
+            uploader.submit(done)
 
     stop = StopSignals()
     log_every = config.monitoring.logging.log_every_n_steps
-    last_saved = start_step if resume_from is not None else None
     t_start = t_log = time.perf_counter()
     steps_at_log = start_step
     model.train()
     try:
-        if resume_from is not None:  # a run stopped between its checkpoint and that evaluation
-            run_evaluation(start_step, model, eval_rows, config, device, autocast, run_dir, metrics, log)
-            if uploader:  # ... or that upload: nothing happens if it was uploaded
-                uploader.submit(start_step)
+        if resume_from is not None:  # a run may have stopped before evaluating or uploading it
+            evaluate_and_upload(start_step)
         for step in range(start_step, max_steps):
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
             batch = next(batches).to(device, non_blocking=True).view(accum, -1, seq_len + 1)
             if step == 0 and last_saved is None and is_checkpoint_step(0, config):
                 save(0, batch)  # the initialisation, captured on the first batch
-                last_saved = 0
-                run_evaluation(0, model, eval_rows, config, device, autocast, run_dir, metrics, log)
-                if uploader:
-                    uploader.submit(0)
+                evaluate_and_upload(0)
             # Forward and backward: each micro-batch's mean loss, scaled so the gradient is that
             # of the mean over the whole global batch.
             step_loss = torch.zeros((), device=device)
@@ -859,16 +864,12 @@ def main(argv: list[str]) -> int:
             # Checkpoint: on schedule, at the end, and when asked to stop.
             if is_checkpoint_step(done, config) or stop.received:
                 paused = time.perf_counter()
-                if done != last_saved:
-                    save(done, batch)
-                    last_saved = done
-                if stop.received:  # no time for evaluation now: the resumed run does it
+                save(done, batch)
+                if stop.received:  # no time to evaluate or upload now: the resumed run does it
                     log.info(f"{stop.received}: stopped at step {done}; re-run the same command "
                              f"to resume")
                     return 0
-                run_evaluation(done, model, eval_rows, config, device, autocast, run_dir, metrics, log)
-                if uploader:  # in the background: the next step starts now
-                    uploader.submit(done)
+                evaluate_and_upload(done)
                 t_log += time.perf_counter() - paused  # tokens/s counts training time only
     finally:
         batches.close()
