@@ -21,9 +21,9 @@ training.optimization.max_grad_norm = 1.0
 
 checkpointing.run_name = "local"
 checkpointing.save_every_n_steps = 100
-# Learning-dynamics captures on the same held-out rows; Pythia-style early checkpoints up to 64
+# Learning-dynamics captures on the same held-out rows; Pythia-style early checkpoints up to 8
 checkpointing.learning_dynamics.eval_data = "builtin:stdlib-bytes"
-checkpointing.log_spaced_until = 64
+checkpointing.log_spaced_until = 8
 # Perplexity at every checkpoint on the corpus's held-out split (512 rows), in bits per byte too.
 evaluation.paloma.dataset_name = "builtin:stdlib-bytes"
 evaluation.paloma.batch_size = 32
