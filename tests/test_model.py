@@ -1,6 +1,9 @@
 """The pico-decoder (model.py) and its Hugging Face checkpoint format (checkpoint.py)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import checkpoint
+import data
 import model as pico
 from model import KVCache, ModelConfig, PicoDecoder
 
@@ -345,3 +349,17 @@ def test_an_odd_head_dim_is_a_problem_naming_the_key():
 def test_every_problem_is_reported_at_once():
     problems = ModelConfig(d_model=100, attention_n_heads=12, attention_n_kv_heads=5).problems()
     assert len(problems) == 2
+
+
+def test_sample_py_generates_text_from_a_byte_level_checkpoint(tmp_path):
+    config = ModelConfig(d_model=32, n_layers=1, attention_n_heads=4, attention_n_kv_heads=2,
+                         activation_hidden_dim=64, vocab_size=257, max_seq_len=64)
+    torch.manual_seed(0)
+    model = PicoDecoder(config)
+    checkpoint.export_hf(model.state_dict(), config, tmp_path)
+    result = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "def ",
+                             "--max-new-tokens", "12", "--temperature", "0"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                            check=True)
+    expected = model.generate(torch.tensor([list(b"def ")]), 12, temperature=0)[0].tolist()
+    assert result.stdout == data.byte_text(expected) + "\n"
