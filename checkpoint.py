@@ -279,7 +279,7 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
     HF_HUB_OFFLINE=1 reads. Hub errors become one line naming the repo, never the token."""
     if Path(path_or_repo_id).is_dir():
         return Path(path_or_repo_id), path_or_repo_id
-    from huggingface_hub import constants, get_token, snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo_id = path_or_repo_id
@@ -302,16 +302,9 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
         message = (f"{path_or_repo_id}: model repo {repo_id} on {constants.ENDPOINT} has no "
                    f"revision {revision!r}")
     except OSError as e:  # huggingface_hub's HTTP, offline and not-in-cache errors among them
-        if constants.is_offline_mode():
-            reason = f"HF_HUB_OFFLINE=1 and it is not in the cache {constants.HF_HUB_CACHE}"
-        else:
-            while e.__cause__ is not None:  # the root cause, e.g. "Connection refused"
-                e = e.__cause__
-            reason = f"at {constants.ENDPOINT}: {e.__class__.__name__}: {_first_line(e)}"
         message = (f"{path_or_repo_id}: no local directory of that name, and could not download "
-                   f"model repo {name} ({reason})")
-    token = get_token()
-    raise CheckpointError(message.replace(token, "***") if token else message)
+                   f"model repo {name} ({data.hub_failure(e)})")
+    raise CheckpointError(data.without_token(message))
 
 
 def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[ModelConfig, dict, str]:
@@ -711,9 +704,5 @@ class HubUploader:
     @staticmethod
     def _reason(e: Exception) -> str:
         """One line, without the token even if a server were to echo it."""
-        from huggingface_hub import get_token
-
         lines = str(e).strip().splitlines()
-        reason = f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
-        token = get_token()
-        return reason.replace(token, "<token>") if token else reason
+        return data.without_token(f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__)

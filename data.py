@@ -80,6 +80,12 @@ def check_schema(name, meta: pq.FileMetaData):
         raise DataError(f"{name}: column '{COLUMN}' has type {kind}, expected a list of integers")
 
 
+def check_token_ids(name: str, ids: np.ndarray, vocab_size: int):
+    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+        raise DataError(f"{name}: token id {bad} is outside [0, model.vocab_size={vocab_size})")
+
+
 class ParquetShards:
     """Random access by global row position over an ordered list of Parquet shards.
 
@@ -128,10 +134,7 @@ class ParquetShards:
             raise DataError(f"{self.names[f]}: row {self.group_starts[f][g] - self.group_starts[f][0] + bad} "
                             f"has {lengths[bad]} tokens, expected model.max_seq_len + 1 = {self.row_len}")
         rows = column.flatten().to_numpy().astype(np.int64).reshape(-1, self.row_len)
-        if rows.size and (rows.max() >= self.vocab_size or rows.min() < 0):
-            bad = int(rows.max()) if rows.max() >= self.vocab_size else int(rows.min())
-            raise DataError(f"{self.names[f]}: token id {bad} is outside [0, model.vocab_size="
-                            f"{self.vocab_size})")
+        check_token_ids(self.names[f], rows, self.vocab_size)
         self._cached = ((f, g), rows)
         return rows
 
@@ -149,6 +152,22 @@ class ParquetShards:
             out[done:done + take] = rows[pos - group_start:pos - group_start + take]
             done += take
         return out
+
+
+def hub_failure(e: Exception) -> str:
+    """Why a huggingface_hub request failed, in one line: offline without a cached copy, or the
+    root cause at the endpoint (e.g. "ConnectError: ... Connection refused")."""
+    if constants.is_offline_mode():
+        return f"HF_HUB_OFFLINE=1 and it is not in the cache {constants.HF_HUB_CACHE}"
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"at {constants.ENDPOINT}: {e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def without_token(text: str) -> str:
+    """text with the Hub token (HF_TOKEN or the stored login) masked, should a server echo it."""
+    token = get_token()
+    return text.replace(token, "***") if token else text
 
 
 # A Hub dataset repo: namespace/name, optionally @revision (a branch, tag or commit).
@@ -243,17 +262,9 @@ class HubShards:
             message = (f"{self.key}={self.name!r}: dataset repo {self.repo_id} has no "
                        f"revision {self.revision!r}")
         except Exception as e:
-            if constants.is_offline_mode():
-                reason = f" (HF_HUB_OFFLINE=1 and it is not in the cache {constants.HF_HUB_CACHE})"
-            else:
-                while e.__cause__ is not None:  # the root cause, e.g. "Connection refused"
-                    e = e.__cause__
-                reason = (f" at {constants.ENDPOINT} ({e.__class__.__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0]})")
-            message = (f"could not {what} of {self.name}{reason}; to use a local copy set "
-                       f"{self.key} to a directory of Parquet shards")
-        token = get_token()
-        raise DataError(message.replace(token, "***") if token else message)
+            message = (f"could not {what} of {self.name} ({hub_failure(e)}); to use a local copy "
+                       f"set {self.key} to a directory of Parquet shards")
+        raise DataError(without_token(message))
 
     def _footer(self, file: str) -> pq.FileMetaData:
         """A shard's Parquet footer (row count, schema), from range requests for the file's end."""
@@ -440,9 +451,7 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
         bad = int(np.argmax((lengths > max_row_len) | (lengths < 2)))
         raise DataError(f"{name}: row {bad} has {lengths[bad]} tokens, expected 2 to "
                         f"model.max_seq_len + 1 = {max_row_len}")
-    if values.size and (values.max() >= vocab_size or values.min() < 0):
-        bad = int(values.max()) if values.max() >= vocab_size else int(values.min())
-        raise DataError(f"{name}: token id {bad} is outside [0, model.vocab_size={vocab_size})")
+    check_token_ids(name, values, vocab_size)
     starts = offsets[:-1] - offsets[0]
     return [values[s:s + n] for s, n in zip(starts, lengths)]
 
