@@ -427,6 +427,15 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_text_atomically(path: Path, text: str):
+    """A small file replaced whole or not at all: a crash leaves the old one or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -457,7 +466,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
     for name in files:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    write_text_atomically(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
     for directory in [tmp] + [p for p in tmp.rglob("*") if p.is_dir()]:
         _fsync_dir(directory)
 
@@ -488,9 +497,7 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
             continue
         manifest = json.loads((directory / MANIFEST).read_text())
         manifest["files"].pop("optimizer.pt", None)
-        tmp = directory / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, directory / MANIFEST)
+        write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         (directory / "optimizer.pt").unlink()
 
 
@@ -627,12 +634,8 @@ class HubUploader:
                              f"{self.run_dir / UPLOADS} and are uploaded at the next start")
 
     def _write(self, record: dict[str, list[int]]):
-        path = self.run_dir / UPLOADS
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"repo_id": self.repo_id, "branch": self.branch, **record}) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomically(self.run_dir / UPLOADS,
+                              json.dumps({"repo_id": self.repo_id, "branch": self.branch, **record}) + "\n")
 
     def _work(self):
         while (step := self.queue.get()) is not None:

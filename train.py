@@ -515,9 +515,7 @@ def keep_metrics_up_to(path: Path, step: int):
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    checkpoint.write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 class StopSignals:
@@ -626,9 +624,7 @@ def run_evaluation(step: int, model, eval_rows, config: Config, device, autocast
     results = evaluate(model, eval_rows, config.evaluation.paloma.batch_size, device, autocast,
                        byte_level=config.data.tokenizer.name == "bytes")
     out.parent.mkdir(exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"paloma": results["perplexity"]}) + "\n")
-    os.replace(tmp, out)
+    checkpoint.write_text_atomically(out, json.dumps({"paloma": results["perplexity"]}) + "\n")
     metrics.write({"step": step, **{f"paloma_{k}": v for k, v in results.items()}})
     log.info(f"eval step {step} | paloma perplexity {results['perplexity']:.3f} | loss "
              f"{results['loss']:.4f} | {results['tokens']:,} tokens" +
