@@ -12,7 +12,7 @@ import torch
 
 import train
 from model import PicoDecoder
-from test_train import run, tiny  # noqa: F401  (the fixture)
+from test_train import run
 
 SEQ, VOCAB = 32, 64
 

@@ -14,7 +14,7 @@ import data
 import train
 from hub_server import point_huggingface_hub_at
 from model import ModelConfig, PicoDecoder
-from test_train import losses, run, tiny  # noqa: F401  (tiny: the fixture)
+from test_train import losses, run
 
 # A transformers Llama with grouped-query attention and a theta and eps that are not the defaults,
 # so a field read wrongly shows. initializer_range 0.5: logits far apart, so greedy decoding

@@ -1,9 +1,6 @@
 """Learning-dynamics captures in every checkpoint, read the way pico-analyze reads them."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ import data
 import train
 from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
-from test_train import TINY, losses, run, tiny  # noqa: F401  (tiny: the fixture)
+from test_train import TINY, losses, run
 
 SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 

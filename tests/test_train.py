@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,6 @@ evaluation.metrics = []
 checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
 """
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """A config file for a tiny model on random tokens; returns (config path, runs dir)."""
-    rows = np.random.default_rng(0).integers(0, VOCAB, size=(4096, SEQ + 1))
-    data.write_shards(rows, tmp_path / "shards")
-    runs = tmp_path / "runs"
-    config = tmp_path / "tiny.py"
-    config.write_text(TINY.format(data=str(tmp_path / "shards"), runs=str(runs)))
-    return config, runs
 
 
 def run(config, *overrides, check=True):
