@@ -3,8 +3,10 @@
 A checkpoint is a directory, checkpoints/step_N/, holding:
   config.json, model.safetensors   the Hugging Face Llama export: transformers loads it with no
                                    custom code, and resume reads the weights back from it
-  optimizer.pt                     AdamW and learning-rate scheduler state
-  training_state.pt                step, data position and every RNG state
+  optimizer/                       AdamW's state by parameter name, in torch.distributed.checkpoint's
+                                   format: one file per rank that saved it, readable at any
+                                   world size, by one process, DDP or FSDP
+  training_state.pt                step, data position, scheduler and every RNG state
   checkpoint.json                  the manifest, written last: each file's size
 
 It is written to a hidden temporary directory and renamed into place, and only then does the
@@ -20,16 +22,21 @@ import random
 import re
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import data
 from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"
+LEGACY_OPTIMIZER = "optimizer.pt"  # optimizer state by parameter position, before optimizer/
 
 
 class CheckpointError(Exception):
@@ -365,7 +372,8 @@ def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] |
 
 
 def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, sequence_idx: int,
-                              batch_size: int, device: torch.device, autocast) -> dict:
+                              batch_size: int, device: torch.device, autocast,
+                              total_tokens: int | None = None) -> dict:
     """Activations, weights and gradients of `modules` on `rows` (token-id rows, data order).
 
     activations: each module's output at position sequence_idx of each row's input (row[:-1];
@@ -373,9 +381,13 @@ def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, seq
     every token of every row, so sub-batches of batch_size change nothing but memory. They come
     from torch.autograd.grad, which leaves the training run's .grad untouched; nothing here draws
     a random number. float32 on the CPU, keyed by module name.
+
+    total_tokens: the tokens of all the rows captured, when `rows` are one rank's part of them; the
+    ranks' gradients then sum to the gradient of the mean over all.
     """
     weights = [module.weight for module in modules.values()]
-    total_tokens = sum(len(row) - 1 for row in rows)
+    if total_tokens is None:
+        total_tokens = sum(len(row) - 1 for row in rows)
     gradients = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     activations = {name: [] for name in modules}
     positions = None  # of the current sub-batch, for the hooks
@@ -400,7 +412,8 @@ def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, seq
     finally:
         for hook in hooks:
             hook.remove()
-    return {"activations": {name: torch.cat(parts).cpu() for name, parts in activations.items()},
+    return {"activations": {name: torch.cat(parts).cpu() if parts else torch.zeros(0, w.shape[0])
+                            for (name, parts), w in zip(activations.items(), weights)},
             "weights": {name: w.detach().float().cpu().clone() for name, w in zip(modules, weights)},
             "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
 
@@ -444,61 +457,97 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+def is_writer() -> bool:
+    """Rank 0 writes every shared file; a single process is rank 0."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def optimizer_state_dict(model: PicoDecoder, optimizer) -> dict:
+    """AdamW's state keyed by parameter name (not position), as torch.distributed.checkpoint's
+    helpers lay it out: whole tensors for one process or DDP, each rank's shards under FSDP. Keys
+    by name are what let a checkpoint load at another world size or under the other strategy."""
+    return get_optimizer_state_dict(model, optimizer)
+
+
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
-                    data_position: int, learning_dynamics: dict | None = None) -> Path:
-    """Write checkpoints/step_{step} completely, then point `latest` at it. learning_dynamics:
-    {"train"/"val": capture_learning_dynamics(...)}, written as learning_dynamics/{split}_{kind}.pt."""
+                    data_position: int, model_state: dict | None = None,
+                    learning_dynamics: dict | None = None) -> Path:
+    """Write checkpoints/step_{step} completely, then point `latest` at it.
+
+    Under torch.distributed every rank calls it: each writes its part of optimizer/ (sharded by
+    torch.distributed.checkpoint; under DDP the replicated tensors are written once), and rank 0
+    writes everything else. model_state: the whole weights (the FSDP gather) if not
+    model.state_dict(); only rank 0 reads it. learning_dynamics: {"train"/"val":
+    capture_learning_dynamics(...)}, written as learning_dynamics/{split}_{kind}.pt."""
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed while writing it
-    tmp.mkdir(parents=True)
-    export_hf(model.state_dict(), model.config, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "optimizer.pt")
-    torch.save({"step": step, "data_position": data_position, "rng": _rng_state()},
-               tmp / "training_state.pt")
-    for split, states in (learning_dynamics or {}).items():
-        (tmp / "learning_dynamics").mkdir(exist_ok=True)
-        for kind, tensors in states.items():
-            torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
-    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    for name in files:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    write_text_atomically(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
-    for directory in [tmp] + [p for p in tmp.rglob("*") if p.is_dir()]:
-        _fsync_dir(directory)
-
-    if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
-        old = checkpoints_dir / f".step_{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    link_tmp = checkpoints_dir / "latest.tmp"
-    if link_tmp.is_symlink() or link_tmp.exists():
-        link_tmp.unlink()
-    link_tmp.symlink_to(final.name)
-    os.replace(link_tmp, checkpoints_dir / "latest")
-    _fsync_dir(checkpoints_dir)
+    if is_writer():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while writing it
+        (tmp / "optimizer").mkdir(parents=True)
+    barrier()  # the directory exists before any rank writes into it
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.save({"optimizer": optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+    barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
+    if is_writer():
+        export_hf(model.state_dict() if model_state is None else model_state, model.config, tmp)
+        torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "training_state.pt")
+        for split, states in (learning_dynamics or {}).items():
+            (tmp / "learning_dynamics").mkdir(exist_ok=True)
+            for kind, tensors in states.items():
+                torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
+        _seal(tmp, step)
+        if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
+            old = checkpoints_dir / f".step_{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        link_tmp = checkpoints_dir / "latest.tmp"
+        if link_tmp.is_symlink() or link_tmp.exists():
+            link_tmp.unlink()
+        link_tmp.symlink_to(final.name)
+        os.replace(link_tmp, checkpoints_dir / "latest")
+        _fsync_dir(checkpoints_dir)
+    barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     return final
 
 
+def _seal(directory: Path, step: int):
+    """fsync every file, then write the manifest that makes the checkpoint complete."""
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    for name in files:
+        with open(directory / name, "rb") as f:
+            os.fsync(f.fileno())
+    write_text_atomically(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    for sub in [directory] + [p for p in directory.rglob("*") if p.is_dir()]:
+        _fsync_dir(sub)
+
+
 def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
-    """Delete optimizer.pt, twice the model's size, from all but the newest `keep` checkpoints;
-    their weights and learning dynamics stay. The manifest loses the file first, so a crash
-    between the two leaves a complete checkpoint and a stray file, never a broken one."""
+    """Delete the optimizer state, twice the model's size, from all but the newest `keep`
+    checkpoints; their weights and learning dynamics stay. The manifest loses the files first,
+    so a crash between the two leaves a complete checkpoint and stray files, never a broken one."""
     steps = sorted((int(p.name[5:]), p) for p in checkpoints_dir.glob("step_*") if p.name[5:].isdigit())
     for _, directory in steps[:-keep]:
-        if not (directory / "optimizer.pt").exists():
-            continue
         manifest = json.loads((directory / MANIFEST).read_text())
-        manifest["files"].pop("optimizer.pt", None)
-        write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        (directory / "optimizer.pt").unlink()
+        kept = {name: size for name, size in manifest["files"].items()
+                if not name.startswith(("optimizer/", LEGACY_OPTIMIZER))}
+        if kept == manifest["files"]:
+            continue
+        write_text_atomically(directory / MANIFEST, json.dumps({**manifest, "files": kept}, indent=2) + "\n")
+        shutil.rmtree(directory / "optimizer", ignore_errors=True)
+        (directory / LEGACY_OPTIMIZER).unlink(missing_ok=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -532,23 +581,45 @@ def _torch_load(path: Path):
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
-    """Read and check every part of a checkpoint before any of it is applied, so a damaged one
-    is reported (naming the file) without touching the model or the run directory."""
-    check_complete(directory)
-    model_state = load_hf_weights(directory, config)
-    opt = _torch_load(directory / "optimizer.pt")
-    training = _torch_load(directory / "training_state.pt")
-    return {"model": model_state, **opt, **training}
+def read_checkpoint(directory: Path, config: ModelConfig, sharded: bool = False) -> dict:
+    """Read and check every part of a checkpoint that can be read before the model exists, so a
+    damaged or unloadable one is reported (naming the file) without touching the model or the run
+    directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer.
+    sharded: the run trains under FSDP."""
+    manifest = check_complete(directory)
+    state = {"model": load_hf_weights(directory, config), **_torch_load(directory / "training_state.pt")}
+    if LEGACY_OPTIMIZER in manifest["files"]:
+        # Written before optimizer state was keyed by name: positions only fit an unsharded model.
+        if sharded:
+            raise CheckpointError(
+                f"{directory / LEGACY_OPTIMIZER}: optimizer state saved by an earlier pico for one "
+                f"process or DDP, which FSDP cannot load; resume with training.distributed='ddp' "
+                f"until the next checkpoint, then switch")
+        state.update(_torch_load(directory / LEGACY_OPTIMIZER))
+    elif not any(name.startswith("optimizer/") for name in manifest["files"]):
+        raise CheckpointError(f"{directory}: holds no optimizer state (checkpointing."
+                              f"keep_last_n_optimizer_states dropped it); expected optimizer/")
+    return state
 
 
-def restore_checkpoint(state: dict, model: PicoDecoder, optimizer, scheduler) -> tuple[int, int]:
-    """Apply a read checkpoint; returns (step, data_position)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimizer, scheduler):
+    """Apply a checkpoint read by read_checkpoint to the built model and optimizer. The weights
+    were already loaded into the model before it was wrapped for DDP or FSDP; the optimizer state
+    is read here, each rank its own part, resharded if the world size changed."""
+    if "optimizer" in state:  # LEGACY_OPTIMIZER
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+                dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
+        except Exception as e:  # a damaged shard or a model that does not match
+            raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "
+                                  f"({_first_line(e)})") from None
+        set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return state["step"], state["data_position"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -374,6 +374,12 @@ def rank_rows(step: int, global_batch: int, world_size: int, rank: int) -> tuple
     return step * global_batch + rank * per_rank, per_rank
 
 
+def rank_slice(n: int, world_size: int, rank: int) -> slice:
+    """This rank's contiguous block of n fixed rows (evaluation, captures): in rank order the
+    blocks are the rows in order, so gathering results across ranks is a concatenation."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 class BatchStream:
     """This rank's rows of each step from start_step on, read ahead in a background thread so
     the accelerator never waits on Parquet decoding. At most `prefetch` steps are held."""

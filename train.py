@@ -1,6 +1,7 @@
 """Train a pico-decoder: the config, then the training loop.
 
     python train.py configs/local.py [--training.max_steps=100 ...]
+    torchrun --nproc_per_node=8 train.py configs/demo.py [...]     # DDP (or FSDP) on 8 GPUs
 
 Re-running the same command resumes from runs/RUN/checkpoints/latest; SIGTERM or Ctrl-C saves a
 checkpoint at the current step and exits 0. See README.md for the config reference.
@@ -24,11 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import data
-from model import ModelConfig, PicoDecoder
+from model import ModelConfig, PicoDecoder, rope_tables
+
+try:  # FSDP2: public from torch 2.6, under torch.distributed._composable in 2.5
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:
+    try:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        MixedPrecisionPolicy = fully_shard = None
 
 # ---------------------------------------------------------------------------------------------
 # Config: dataclass sections with pico-train's names and defaults (its recipe: global batch
@@ -86,6 +98,18 @@ class TrainingConfig:
     device: str = "auto"  # "auto": CUDA, else MPS, else CPU
     precision: str = "auto"  # "bf16-mixed" or "32"; auto: bf16-mixed on CUDA, else 32
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
+    # Under torchrun. "ddp" keeps a whole replica of the model, gradients and optimizer on every
+    # GPU and all-reduces the gradients once per step, overlapped with the backward pass. "fsdp"
+    # (FSDP2) shards all three over the ranks, and all-gathers each block's weights for its
+    # forward and again for its backward. DDP is the default: the largest of the suite (570M
+    # parameters, 16 bytes each with AdamW's state: 9 GB) fits on any training GPU, so FSDP's
+    # memory saving buys nothing for it and its gathers cost time. Take FSDP for models or
+    # batches that do not fit.
+    distributed: str = "ddp"
+    backend: str = "auto"  # torch.distributed's backend; auto: NCCL on CUDA, gloo on CPU
+    # FSDP: free each block's gathered weights after its forward, and gather them again for its
+    # backward. False keeps them: less communication, the memory of one whole model more.
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -370,6 +394,17 @@ def validate(config: Config, world_size: int):
          "'auto', 'cpu', 'cuda' or 'mps'"),
         ("training.precision", training.precision,
          training.precision in ("auto", "bf16-mixed", "32"), "'auto', 'bf16-mixed' or '32'"),
+        ("training.distributed", training.distributed, training.distributed in ("ddp", "fsdp"),
+         "'ddp' or 'fsdp'"),
+        ("training.distributed", training.distributed,
+         training.distributed != "fsdp" or fully_shard is not None,
+         f"'ddp': torch {torch.__version__} has no fully_shard (FSDP2 needs torch>=2.5)"),
+        ("training.backend", training.backend, training.backend in ("auto", "nccl", "gloo"),
+         "'auto', 'nccl' or 'gloo'"),
+        ("training.backend", training.backend,
+         training.backend != "nccl" or (torch.cuda.is_available() and training.device in ("auto", "cuda")),
+         "'gloo' or 'auto': NCCL needs CUDA GPUs, and " + (
+             "training.device is not 'cuda'" if torch.cuda.is_available() else "this machine has none")),
         ("checkpointing.save_every_n_steps", config.checkpointing.save_every_n_steps,
          config.checkpointing.save_every_n_steps >= 1, "a positive integer"),
         ("checkpointing.log_spaced_until", config.checkpointing.log_spaced_until,
@@ -452,18 +487,129 @@ def read_init_weights(config: Config) -> tuple[dict, str]:
 # Set-up helpers the loop calls
 # ---------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: under torchrun, GPU number LOCAL_RANK of its node."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device='cuda': no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("training.device='mps': no MPS device is available")
-    return torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={local_rank}: this node has {torch.cuda.device_count()} GPUs; "
+                          f"expected torchrun --nproc_per_node at most that")
+    torch.cuda.set_device(local_rank)  # NCCL and every kernel of this process go to its own GPU
+    return torch.device("cuda", local_rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per GPU, each on its own rows of every global batch
+# ---------------------------------------------------------------------------------------------
+
+# How long a collective waits for a rank that does not arrive before it fails, so one rank's
+# crash or hang ends the job instead of stalling it. It must outlast what rank 0 does while the
+# others wait: writing a checkpoint of the largest model (seconds to a minute).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def start_distributed(config: Config, device: torch.device):
+    """Join the job's process group: torchrun's (its environment names the rendezvous), or a
+    group of one when FSDP runs in a single process. Returns a group for host-side flags: a gloo
+    all-reduce of one number costs the GPU nothing, where an NCCL one would wait for it."""
+    backend = config.training.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    elif backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"training.backend='nccl': training.device is {device.type}; expected "
+                          f"'gloo' or 'auto'")
+    options = {"device_id": device} if backend == "nccl" else {}
+    if "MASTER_ADDR" not in os.environ:  # not under torchrun
+        options.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **options)
+    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
+
+
+def parallelize(model: PicoDecoder, config: Config, device: torch.device, precision: str,
+                use_compile: bool):
+    """(the module each training step calls, its DDP or FSDP wrapper or None).
+
+    DDP wraps the model and is compiled whole. FSDP2 shards the model in place, as torchtitan
+    does: each block, then the output layer, then the root (embedding and final norm), each a
+    unit whose weights are gathered just before it runs; each block is compiled on its own,
+    so the compiled code is the block's, once, and FSDP's hooks between blocks stay eager."""
+    strategy = config.training.distributed if dist.is_initialized() else None
+    if strategy == "ddp":
+        wrapper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return (torch.compile(wrapper) if use_compile else wrapper), wrapper
+    if strategy == "fsdp":
+        # Weights gathered in bf16 for bf16-mixed (half the traffic); gradients reduced in float32
+        # so the sum over ranks loses nothing. Each rank keeps float32 shards for the optimizer.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
+                                      reduce_dtype=torch.float32)
+        reshard = config.training.reshard_after_forward
+        for block in model.layers:
+            if use_compile:
+                block.forward = torch.compile(block.forward)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+        # The output layer's backward comes right after its forward: resharding in between would
+        # only gather its weights (the largest matrix) twice.
+        fully_shard(model.de_embedding_proj, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+        return model, model
+    return (torch.compile(model) if use_compile else model), None
+
+
+def gradient_sync(wrapper, sync: bool):
+    """Gradient accumulation: the inner micro-steps only add to this rank's gradients; the last
+    one reduces the sum across ranks, once per optimizer step."""
+    if isinstance(wrapper, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else wrapper.no_sync()
+    if wrapper is not None:  # FSDP
+        wrapper.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return bool(votes.item())
+
+
+def gather_whole_model(model: PicoDecoder, config: ModelConfig, device: torch.device) -> PicoDecoder:
+    """FSDP: an unsharded copy of the model on every rank (a collective), for what needs whole
+    weights: the Hugging Face export, evaluation, and captures (whose hooks and gradients need
+    plain modules). Built on the meta device, so no memory or random numbers go to an
+    initialisation that the gathered weights overwrite."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        whole = PicoDecoder(config)
+    whole.to_empty(device=device).load_state_dict(state)
+    whole.rope_cos, whole.rope_sin = (t.to(device) for t in rope_tables(config))  # not in state
+    return whole
+
+
+def gather_captures(captures: dict, counts: list[int], device: torch.device) -> dict:
+    """One rank's captures (checkpoint.capture_learning_dynamics) made whole: gradients summed
+    over the ranks (each is its rows' share of the mean), activations concatenated in rank
+    order, which is data order (rank r holds the r-th contiguous block of rows)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return captures
+    for name, gradient in captures["gradients"].items():
+        gradient = gradient.to(device)
+        dist.all_reduce(gradient)
+        captures["gradients"][name] = gradient.cpu()
+    for name, rows in captures["activations"].items():
+        padded = rows.new_zeros(max(counts), rows.shape[1], device=device)  # all_gather: equal sizes
+        padded[:len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        captures["activations"][name] = torch.cat([part[:n] for part, n in zip(parts, counts)]).cpu()
+    return captures
 
 
 def lr_lambda(config: Config):
@@ -557,10 +703,13 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     """Perplexity of the model on the evaluation rows: exp of the mean next-token loss over all
     their tokens. (pico-train's `evaluate` metric averages per-sequence perplexities instead,
     which weighs a short sequence as much as a long one.) Rows may differ in length
-    (data.collate)."""
+    (data.collate). Under torch.distributed each rank evaluates its block of the rows and the
+    sums are added up (a collective): every rank returns the same results."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
+    if dist.is_initialized():
+        rows = rows[data.rank_slice(len(rows), dist.get_world_size(), dist.get_rank())]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs, labels = (t.to(device) for t in data.collate(chunk))
@@ -571,19 +720,24 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
         n_tokens += counted
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
     model.train()
-    mean_loss = nll.item() / n_tokens
-    results = {"perplexity": math.exp(mean_loss), "loss": mean_loss, "tokens": n_tokens}
+    totals = torch.stack([nll, torch.tensor(n_tokens, dtype=torch.float64, device=device),
+                          torch.tensor(n_bytes, dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    nll, n_tokens, n_bytes = totals.tolist()
+    mean_loss = nll / n_tokens
+    results = {"perplexity": math.exp(mean_loss), "loss": mean_loss, "tokens": int(n_tokens)}
     if byte_level:  # every token but the end-of-document id is one byte of text
-        results["bits_per_byte"] = nll.item() / math.log(2) / n_bytes
+        results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results
 
 
 class Metrics:
     """metrics.jsonl, and Weights & Biases when monitoring.save_to_wandb: the same records."""
 
-    def __init__(self, path: Path, config: Config, log: logging.Logger):
-        self.path, self.wandb = path, None
-        if not config.monitoring.save_to_wandb:
+    def __init__(self, path: Path | None, config: Config, log: logging.Logger):
+        self.path, self.wandb = path, None  # path None: a rank other than 0, which records nothing
+        if path is None or not config.monitoring.save_to_wandb:
             return
         try:
             import wandb
@@ -605,6 +759,8 @@ class Metrics:
                         f"metrics go to metrics.jsonl only")
 
     def write(self, record: dict):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -617,12 +773,15 @@ class Metrics:
 
 def run_evaluation(step: int, model, eval_rows, config: Config, device, autocast, run_dir: Path,
                    metrics: Metrics, log: logging.Logger):
-    """Evaluate checkpoint `step` once: results already on disk are not computed again."""
+    """Evaluate checkpoint `step` once: results already on disk are not computed again. Every
+    rank takes part; rank 0 writes."""
     out = run_dir / "eval_results" / f"step_{step}.json"
     if eval_rows is None or out.exists():
         return
     results = evaluate(model, eval_rows, config.evaluation.paloma.batch_size, device, autocast,
                        byte_level=config.data.tokenizer.name == "bytes")
+    if not checkpoint.is_writer():
+        return
     out.parent.mkdir(exist_ok=True)
     checkpoint.write_text_atomically(out, json.dumps({"paloma": results["perplexity"]}) + "\n")
     metrics.write({"step": step, **{f"paloma_{k}": v for k, v in results.items()}})
@@ -652,16 +811,23 @@ def capture_modules(model: PicoDecoder, config: Config) -> dict:
 
 def learning_dynamics(model, train_batch, val_rows, modules, config: Config, device, autocast) -> dict:
     """The captures of one checkpoint: on the global batch its last step trained on, and on the
-    fixed evaluation rows."""
+    fixed evaluation rows. Under torch.distributed each rank captures its own rows (train_batch
+    is this rank's part of the global batch, val_rows all of them) and the results are
+    gathered, so every rank returns those of one process."""
     ld = config.checkpointing.learning_dynamics
-    splits = {}
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
     if ld.capture_train:
-        splits["train"] = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
+        mine = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
+        splits["train"] = (mine, [len(mine)] * world_size, len(mine) * world_size * (len(mine[0]) - 1))
     if val_rows is not None:
-        splits["val"] = val_rows
-    return {split: checkpoint.capture_learning_dynamics(model, rows, modules, ld.sequence_idx,
-                                                        ld.batch_size, device, autocast)
-            for split, rows in splits.items()}
+        blocks = [data.rank_slice(len(val_rows), world_size, r) for r in range(world_size)]
+        splits["val"] = (val_rows[blocks[rank]], [b.stop - b.start for b in blocks],
+                         sum(len(row) - 1 for row in val_rows))
+    return {split: gather_captures(checkpoint.capture_learning_dynamics(
+                model, rows, modules, ld.sequence_idx, ld.batch_size, device, autocast, total_tokens),
+                counts, device)
+            for split, (rows, counts, total_tokens) in splits.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,24 +838,27 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("--"):
         raise ConfigError("usage: python train.py CONFIG [--section.key=value ...]")
     config = load_config(argv[0], argv[1:])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: this version trains in one "
-                          f"process; run python train.py")
-    world_size, rank = 1, 0
+    # torchrun's environment; without it, one process
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     validate(config, world_size)
-    device = pick_device(config.training.device)
+    device = pick_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
     opt_cfg, ckpt_cfg = config.training.optimization, config.checkpointing
     precision = config.training.precision
     if precision == "auto":
         precision = "bf16-mixed" if device.type == "cuda" else "32"
     use_compile = device.type == "cuda" if config.training.compile is None else config.training.compile
+    fsdp = config.training.distributed == "fsdp"
     global_batch = config.data.dataloader.batch_size
     accum = opt_cfg.gradient_accumulation_steps
     max_steps = config.training.max_steps
     seq_len = config.model.max_seq_len
 
     # Resume: find and fully read the latest checkpoint before anything is built or written.
+    # Every rank reads it (the run directory is on a file system all nodes share).
     if ckpt_cfg.run_name is None:
+        if world_size > 1:  # each rank would make its own timestamp
+            raise ConfigError("checkpointing.run_name=None: expected a name when training in "
+                              "several processes")
         ckpt_cfg.run_name = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     run_dir = Path(ckpt_cfg.runs_dir) / ckpt_cfg.run_name
     checkpoints_dir = run_dir / "checkpoints"
@@ -697,16 +866,17 @@ def main(argv: list[str]) -> int:
     resumed = init_state = init_name = None
     if resume_from is not None:
         check_resume_compatible(config, run_dir / "training_config.yaml")
-        resumed = checkpoint.read_checkpoint(resume_from, config.model)
+        resumed = checkpoint.read_checkpoint(resume_from, config.model, sharded=fsdp)
     elif ckpt_cfg.training.init_from is not None:  # a new run from given weights: read them now too
         init_state, init_name = read_init_weights(config)
     start_step = resumed["step"] if resumed else 0
     if start_step >= max_steps:
-        print(f"{run_dir}: already trained to step {start_step} (training.max_steps={max_steps}); "
-              f"nothing to do")
-        if ckpt_cfg.save_to_hf and checkpoint.read_uploads(run_dir)["pending"]:  # failed uploads
+        if rank == 0:
+            print(f"{run_dir}: already trained to step {start_step} (training.max_steps={max_steps}); "
+                  f"nothing to do")
+        if rank == 0 and ckpt_cfg.save_to_hf and checkpoint.read_uploads(run_dir)["pending"]:
             log = setup_logging(run_dir, config.monitoring.logging.log_level)
-            hub_uploader(config, run_dir, log).close()
+            hub_uploader(config, run_dir, log).close()  # failed uploads of the finished run
         return 0
 
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
@@ -731,38 +901,59 @@ def main(argv: list[str]) -> int:
         if ld.sequence_idx < -shortest:
             raise ConfigError(f"checkpointing.learning_dynamics.sequence_idx={ld.sequence_idx}: "
                               f"{ld.eval_data} has rows of only {shortest} input tokens")
+
+    # Several processes: join the others. Every rank has read and checked the same config, data
+    # and checkpoint, so a bad input has already stopped them all, each with the same line.
+    flags_group = None
+    if world_size > 1 or "MASTER_ADDR" in os.environ or fsdp:
+        flags_group = start_distributed(config, device)
     batches = data.BatchStream(shards, global_batch, world_size, rank, start_step, max_steps,
                                pin_memory=device.type == "cuda")
 
+    # The same initialisation on every rank (the same seed, drawn on the CPU), then the weights
+    # of the checkpoint or of init_from, all before DDP or FSDP takes the model over.
     torch.manual_seed(config.training.seed)
     model = PicoDecoder(config.model).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    if init_state is not None or resumed:
+        model.load_state_dict(resumed["model"] if resumed else init_state)
         init_state = None
+    step_model, wrapper = parallelize(model, config, device, precision, use_compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if resumed:
-        checkpoint.restore_checkpoint(resumed, model, optimizer, scheduler)
+        checkpoint.restore_checkpoint(resume_from, resumed, model, optimizer, scheduler)
         del resumed
-    captured = capture_modules(model, config)
+    checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
 
-    # Everything checked: now the run directory may be written.
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    checkpoints_dir.mkdir(exist_ok=True)
-    (run_dir / "training_config.yaml").write_text(
-        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    metrics_path = run_dir / "metrics.jsonl"
-    keep_metrics_up_to(metrics_path, start_step)
-    log = setup_logging(run_dir, config.monitoring.logging.log_level)
-    metrics = Metrics(metrics_path, config, log)
+    def whole_model() -> PicoDecoder:
+        """The model with all its weights on this rank."""
+        return gather_whole_model(model, config.model, device) if fsdp else model
+
+    capture_modules(model, config)  # a layer suffix that matches no module stops the run here
+
+    # Everything checked: now the run directory may be written, by rank 0 alone.
+    writer = rank == 0
+    if writer:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        checkpoints_dir.mkdir(exist_ok=True)
+        (run_dir / "training_config.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        keep_metrics_up_to(run_dir / "metrics.jsonl", start_step)
+        log = setup_logging(run_dir, config.monitoring.logging.log_level)
+    else:  # the other ranks only report trouble, on stderr
+        log = logging.getLogger(f"pico.rank{rank}")
+        log.setLevel(logging.WARNING)
+    metrics = Metrics(run_dir / "metrics.jsonl" if writer else None, config, log)
     log.info(f"run {run_dir} | code {code_version()} | torch {torch.__version__} | device {device} | "
-             f"precision {precision} | compile {use_compile}")
+             f"precision {precision} | compile {use_compile}" + (
+                 f" | {world_size} processes, {config.training.distributed} over {dist.get_backend()}"
+                 if dist.is_initialized() else ""))
     log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
              f"{len(shards.files)} shards | global batch {global_batch} x {seq_len} tokens, "
-             f"{accum} micro-step(s)")
+             f"{world_size} process(es) x {accum} micro-step(s)")
     uploader = None
-    if ckpt_cfg.save_to_hf:  # on rank 0 only, once this trains on many processes
+    if ckpt_cfg.save_to_hf and writer:
         uploader = hub_uploader(config, run_dir, log)
         log.info(f"upload: each checkpoint to {ckpt_cfg.hf_checkpoint.repo_id}, branch {ckpt_cfg.run_name}")
     if eval_rows is not None:
@@ -775,7 +966,6 @@ def main(argv: list[str]) -> int:
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-    step_model = torch.compile(model) if use_compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext())
     mfu_peak = peak_flops(device)
@@ -783,22 +973,25 @@ def main(argv: list[str]) -> int:
 
     last_saved = start_step if resume_from is not None else None
 
-    def save(done: int, train_batch):
-        """Checkpoint `done` (optimizer steps completed) with its learning-dynamics captures."""
+    def save(done: int, train_batch, whole: PicoDecoder):
+        """Checkpoint `done` (optimizer steps completed) with its learning-dynamics captures.
+        Every rank takes part."""
         nonlocal last_saved
         if done == last_saved:
             return
-        captures = learning_dynamics(model, train_batch, ld_rows, captured, config, device, autocast)
+        captures = learning_dynamics(whole, train_batch, ld_rows, capture_modules(whole, config),
+                                     config, device, autocast)
         path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer, scheduler,
-                                          data_position=done * global_batch, learning_dynamics=captures)
-        if ckpt_cfg.keep_last_n_optimizer_states is not None:
+                                          data_position=done * global_batch,
+                                          model_state=whole.state_dict(), learning_dynamics=captures)
+        if ckpt_cfg.keep_last_n_optimizer_states is not None and writer:
             checkpoint.drop_old_optimizer_states(checkpoints_dir, ckpt_cfg.keep_last_n_optimizer_states)
         last_saved = done
         log.info(f"saved {path}")
 
-    def evaluate_and_upload(done: int):
+    def evaluate_and_upload(done: int, whole: PicoDecoder):
         """What follows a saved checkpoint; each skips what an earlier start already did."""
-        run_evaluation(done, model, eval_rows, config, device, autocast, run_dir, metrics, log)
+        run_evaluation(done, whole, eval_rows, config, device, autocast, run_dir, metrics, log)
         if uploader:  # in the background: the next step starts now
             uploader.submit(done)
 
@@ -809,28 +1002,32 @@ def main(argv: list[str]) -> int:
     model.train()
     try:
         if resume_from is not None:  # a run may have stopped before evaluating or uploading it
-            evaluate_and_upload(start_step)
+            evaluate_and_upload(start_step, whole_model() if eval_rows is not None else model)
         for step in range(start_step, max_steps):
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
             batch = next(batches).to(device, non_blocking=True).view(accum, -1, seq_len + 1)
             if step == 0 and last_saved is None and is_checkpoint_step(0, config):
-                save(0, batch)  # the initialisation, captured on the first batch
-                evaluate_and_upload(0)
+                whole = whole_model()
+                save(0, batch, whole)  # the initialisation, captured on the first batch
+                evaluate_and_upload(0, whole)
+                del whole
             # Forward and backward: each micro-batch's mean loss, scaled so the gradient is that
-            # of the mean over the whole global batch.
+            # of the mean over this rank's rows; DDP and FSDP average it over the ranks in the
+            # last micro-step's backward, giving the gradient of the mean over the global batch.
             step_loss = torch.zeros((), device=device)
-            for micro in batch:
-                with autocast:
-                    _, loss = step_model(micro[:, :-1], micro[:, 1:])
-                (loss / accum).backward()
+            for i, micro in enumerate(batch):
+                with gradient_sync(wrapper, sync=i == accum - 1):
+                    with autocast:
+                        _, loss = step_model(micro[:, :-1], micro[:, 1:])
+                    (loss / accum).backward()
                 step_loss += loss.detach() / accum
             logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
             grad_norm = None
-            if opt_cfg.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm)
-            elif logging_step:
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            if opt_cfg.max_grad_norm is not None or logging_step:
+                # max_norm inf measures without clipping (the gradients are multiplied by 1).
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+                    grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -839,6 +1036,9 @@ def main(argv: list[str]) -> int:
 
             # Log: the only place the loop waits for the device.
             if logging_step:
+                if dist.is_initialized():  # the mean over the global batch, not this rank's rows
+                    dist.all_reduce(step_loss)
+                    step_loss /= dist.get_world_size()
                 loss_value, norm_value = step_loss.item(), grad_norm.item()
                 now = time.perf_counter()
                 tokens_per_s = (done - steps_at_log) * global_batch * seq_len / (now - t_log)
@@ -848,8 +1048,9 @@ def main(argv: list[str]) -> int:
                           "tokens_seen": done * global_batch * seq_len,
                           "tokens_per_s": tokens_per_s}
                 mfu = ""
-                if mfu_peak:
-                    record["mfu"] = flops_per_step * tokens_per_s / (global_batch * seq_len) / mfu_peak
+                if mfu_peak:  # tokens/s of the whole job over the peak of all its GPUs
+                    record["mfu"] = (flops_per_step * tokens_per_s / (global_batch * seq_len)
+                                     / (mfu_peak * world_size))
                     mfu = f" | mfu {record['mfu']:.1%}"
                 metrics.write(record)
                 log.info(f"step {done}/{max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
@@ -857,15 +1058,19 @@ def main(argv: list[str]) -> int:
                          f"eta {format_seconds(eta)}")
                 t_log, steps_at_log = now, done
 
-            # Checkpoint: on schedule, at the end, and when asked to stop.
-            if is_checkpoint_step(done, config) or stop.received:
+            # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
+            # cluster's notice may reach the ranks at different steps; they agree here).
+            stopping = any_rank(stop.received is not None, flags_group)
+            if is_checkpoint_step(done, config) or stopping:
                 paused = time.perf_counter()
-                save(done, batch)
-                if stop.received:  # no time to evaluate or upload now: the resumed run does it
-                    log.info(f"{stop.received}: stopped at step {done}; re-run the same command "
-                             f"to resume")
+                whole = whole_model()
+                save(done, batch, whole)
+                if stopping:  # no time to evaluate or upload now: the resumed run does it
+                    log.info(f"{stop.received or 'another rank was signalled'}: stopped at step "
+                             f"{done}; re-run the same command to resume")
                     return 0
-                evaluate_and_upload(done)
+                evaluate_and_upload(done, whole)
+                del whole
                 t_log += time.perf_counter() - paused  # tokens/s counts training time only
     finally:
         batches.close()
@@ -877,8 +1082,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def report(error: Exception):
+    """The one line a failed run ends with. Under torchrun every rank fails alike on a bad input
+    found before training, and only local rank 0 says so; a failure during training is rank
+    specific, and each rank that fails names itself."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return f"error: {error}"
+    if dist.is_initialized():
+        return f"error: rank {dist.get_rank()}: {error}"
+    return f"error: {error}" if os.environ.get("LOCAL_RANK", "0") == "0" else 1
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(report(e))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -12,7 +12,7 @@ import data
 import train
 from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
-from test_train import TINY, losses, run
+from test_train import TINY, losses, optimizer_state, run
 
 SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 
@@ -116,10 +116,9 @@ def test_captures_leave_the_training_run_bit_identical(captured_run):
     with_, without = (checkpoint.load_file(d / "checkpoints" / "step_4" / "model.safetensors")
                       for d in (run_dir, none_dir))
     assert all(torch.equal(with_[k], without[k]) for k in with_)
-    opt_with, opt_without = (torch.load(d / "checkpoints" / "step_4" / "optimizer.pt", weights_only=True)
-                             for d in (run_dir, none_dir))
-    for index, state in opt_with["optimizer"]["state"].items():
-        assert all(torch.equal(v, opt_without["optimizer"]["state"][index][k]) for k, v in state.items())
+    opt_with, opt_without = (optimizer_state(d / "checkpoints" / "step_4") for d in (run_dir, none_dir))
+    for name, state in opt_with["state"].items():
+        assert all(torch.equal(v, opt_without["state"][name][k]) for k, v in state.items())
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -171,13 +170,13 @@ def test_keeping_the_last_optimizer_states_only_leaves_every_checkpoint_complete
     config, runs = tiny
     run(config, "--training.max_steps=8", "--checkpointing.keep_last_n_optimizer_states=2")
     checkpoints = runs / "run" / "checkpoints"
-    with_optimizer = sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step_*/optimizer.pt"))
+    with_optimizer = sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step_*/optimizer"))
     assert with_optimizer == [4, 8]
     for step_dir in checkpoints.glob("step_*"):
         checkpoint.check_complete(step_dir)
         assert (step_dir / "model.safetensors").is_file() and (step_dir / "learning_dynamics").is_dir()
     run(config, "--training.max_steps=12", "--checkpointing.keep_last_n_optimizer_states=2")
-    assert sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step_*/optimizer.pt")) == [8, 12]
+    assert sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step_*/optimizer")) == [8, 12]
 
 
 def test_a_layer_suffix_that_matches_no_module_is_named_with_the_valid_ones(tiny):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import data
 import train
@@ -63,6 +64,16 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
 
 
+def optimizer_state(step_dir: Path) -> dict:
+    """A checkpoint's optimizer state as one plain dict: {"state": {parameter name: {...}}, ...}."""
+    whole = step_dir.parent / f".{step_dir.name}-optimizer.pt"
+    dcp_to_torch_save(step_dir / "optimizer", whole)
+    try:
+        return torch.load(whole, weights_only=True)["optimizer"]
+    finally:
+        whole.unlink()
+
+
 def assert_same_run(a: Path, b: Path):
     assert losses(a) == losses(b)  # bit for bit: floats survive JSON exactly
     wa, wb = final_weights(a), final_weights(b)
@@ -83,7 +94,7 @@ def test_run_writes_the_contracted_run_directory(tiny):
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "latest", "step_0", "step_1", "step_12", "step_2", "step_4", "step_8"]
     assert os.readlink(checkpoints / "latest") == "step_12"
-    for name in ("config.json", "model.safetensors", "optimizer.pt", "training_state.pt"):
+    for name in ("config.json", "model.safetensors", "optimizer/.metadata", "training_state.pt"):
         assert (checkpoints / "step_12" / name).is_file()
 
 
@@ -140,12 +151,15 @@ def test_a_temporary_checkpoint_left_by_a_crash_is_ignored(tiny):
     assert os.readlink(runs / "run" / "checkpoints" / "latest") == "step_8"
 
 
+SHARD = "optimizer/__0_0.distcp"  # the one process's part of the optimizer state
+
+
 def snapshot(directory: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("damage, culprit", [
-    (lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:100]), "optimizer.pt"),
+    (lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes()[:100]), SHARD),
     (lambda d: (d / "checkpoint.json").unlink(), "checkpoint.json"),
     (lambda d: (d / "training_state.pt").write_bytes(b"x" * (d / "training_state.pt").stat().st_size),
      "training_state.pt"),
