@@ -17,6 +17,13 @@ training FLOPs per token (PicoDecoder.flops_per_token) x tokens/s over the devic
 The data path instead: tokens/s of data.BatchStream handing over consecutive global batches of
 pico's shape (1024 rows of 2049 tokens) with nothing else running, from local Parquet shards and
 from a dataset repo on a local stand-in for the Hub (downloads included, starting cold).
+
+    torchrun --nproc_per_node=N bench.py --scaling [--distributed ddp|fsdp] [--model small ...]
+
+Scaling across processes: pico's training step with each process on its own batch of
+--batch-size rows (weak scaling, as data parallelism is used), first in rank 0 alone with no
+wrapper, then in all N processes under DDP or FSDP as train.py sets them up, in the same run.
+efficiency = tokens/s of the N processes / (N x tokens/s of the one).
 """
 
 import argparse
@@ -211,6 +218,53 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
     print(f"| {step_s * 1e3:,.0f} ms | {capture_s * 1e3:,.0f} ms | {capture_s / (1000 * step_s):.2%} |")
 
 
+def bench_scaling(args):
+    """Under torchrun: tokens/s per process of one process alone and of all of them together."""
+    config = train.Config()
+    config.model = ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len)
+    config.training.distributed = args.distributed
+    device = train.pick_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
+    train.start_distributed(config, device)
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    precision = "bf16-mixed" if device.type == "cuda" else "32"
+    tokens = torch.randint(0, config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+
+    def tokens_per_s(model, optimizer) -> float:
+        for _ in range(max(args.warmup, 3) if args.compile else args.warmup):
+            step(model, optimizer, pico_loss, tokens, device)
+        times = [step(model, optimizer, pico_loss, tokens, device) for _ in range(args.rounds)]
+        return args.batch_size * args.seq_len / statistics.median(times)
+
+    alone = None
+    if rank == 0:  # the reference, while the other processes wait
+        torch.manual_seed(0)
+        model = PicoDecoder(config.model).to(device).train()
+        alone = tokens_per_s(torch.compile(model) if args.compile else model,
+                             torch.optim.AdamW(model.parameters(), fused=device.type == "cuda"))
+        del model
+    torch.distributed.barrier()
+    torch.manual_seed(0)
+    model = PicoDecoder(config.model).to(device).train()
+    step_model, _ = train.parallelize(model, config, device, precision, args.compile)
+    together = tokens_per_s(step_model, torch.optim.AdamW(model.parameters(), fused=device.type == "cuda"))
+    per_rank = [None] * world_size
+    torch.distributed.all_gather_object(per_rank, together)
+    if rank == 0:
+        mode = "compiled" if args.compile else "eager"
+        print(f"\nMachine: {machine(device)}; {world_size} processes. pico-decoder-{args.model}, "
+              f"{mode}, {args.batch_size} x {args.seq_len} tokens per process and step, median of "
+              f"{args.rounds} steps after {args.warmup} untimed.\n")
+        print("| processes | strategy | tokens/s, 1 process alone | tokens/s per process | "
+              "tokens/s, all | efficiency |")
+        print("|---:|---|---:|---:|---:|---:|")
+        slowest = min(per_rank)  # the processes wait for each other every step
+        print(f"| {world_size} | {args.distributed} | {alone:,.0f} | {slowest:,.0f} | "
+              f"{slowest * world_size:,.0f} | {slowest / alone:.1%} |")
+    del step_model, model  # DDP's reducer holds the group: free it first, then end (train.py)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=SUITE, default="tiny")
@@ -225,7 +279,12 @@ def main() -> None:
     parser.add_argument("--captures", action="store_true",
                         help="the cost of a checkpoint's learning-dynamics captures instead")
     parser.add_argument("--val-rows", type=int, default=64, help="evaluation rows for --captures")
+    parser.add_argument("--scaling", action="store_true",
+                        help="under torchrun: tokens/s of N processes against one (see above)")
+    parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
     args = parser.parse_args()
+    if args.scaling:
+        return bench_scaling(args)
     if args.data:
         return bench_data(args.data_steps)
     if args.captures:

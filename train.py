@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
@@ -1089,6 +1090,8 @@ def report(error: Exception):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return f"error: {error}"
     if dist.is_initialized():
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's summary then names the cause
+            ErrorHandler().record_exception(error)
         return f"error: rank {dist.get_rank()}: {error}"
     return f"error: {error}" if os.environ.get("LOCAL_RANK", "0") == "0" else 1
 
@@ -1099,5 +1102,8 @@ if __name__ == "__main__":
     except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         sys.exit(report(e))
     if dist.is_initialized():
+        # The barrier first: a collective still being torn down in gloo's worker thread when the
+        # group is destroyed can deadlock the two threads on the GIL.
+        dist.barrier()
         dist.destroy_process_group()
     sys.exit(code)

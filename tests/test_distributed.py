@@ -1,0 +1,290 @@
+"""Training in several processes (torchrun, two CPU processes over gloo) is training in one.
+
+Every run here is the command a user types: `torchrun --standalone --nproc_per_node=2 train.py`
+against `python train.py`, on the same tiny model and data, compared through what they write.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import checkpoint
+import data
+import train
+from test_evaluation import eval_args, write_eval_set
+from test_train import ROOT, SEQ, TINY, VOCAB, final_weights, losses, optimizer_state, run, snapshot
+
+STEPS = 6
+# Global batch 8 = 2 processes x 2 micro-steps x 2 rows: accumulation under DDP and FSDP too.
+TWO = ["--training.optimization.gradient_accumulation_steps=2"]
+COMMON = [f"--training.max_steps={STEPS}", "--checkpointing.learning_dynamics.batch_size=3"]
+
+
+def torchrun(config, *overrides, nproc=2, check=True, timeout=300):
+    # OMP_NUM_THREADS: torchrun would set 1 and say so in a warning; the same, silently.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", str(ROOT / "train.py"), str(config), *overrides],
+                            capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 6 steps, with evaluation and train and val captures: in one process, in two
+    DDP processes and in two FSDP processes. Returns {name: run directory} and the config."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data.write_shards(np.random.default_rng(0).integers(0, VOCAB, size=(1024, SEQ + 1)), tmp / "shards")
+    # 7 evaluation rows of unequal lengths: the two ranks get 3 and 4 of them.
+    write_eval_set(tmp / "val" / "val", [33, 20, 33, 2, 17, 33, 9])
+    config = tmp / "tiny.py"
+    config.write_text(TINY.format(data=str(tmp / "shards"), runs=str(tmp / "runs")))
+    common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}"]
+    run(config, *common, "--checkpointing.run_name=one")
+    torchrun(config, *common, *TWO, "--checkpointing.run_name=ddp")
+    torchrun(config, *common, *TWO, "--checkpointing.run_name=fsdp", "--training.distributed=fsdp")
+    return {name: tmp / "runs" / name for name in ("one", "ddp", "fsdp")}, config, common
+
+
+def assert_same_losses(a: Path, b: Path, steps=range(1, STEPS + 1)):
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(steps)
+    for step in steps:
+        assert abs(la[step] - lb[step]) <= 1e-5 * abs(la[step]), (step, la[step], lb[step])
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_and_weights_of_one(runs, strategy):
+    dirs, _, _ = runs
+    assert_same_losses(dirs["one"], dirs[strategy])
+    assert_same_weights(dirs["one"], dirs[strategy])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_write_the_learning_dynamics_of_one(runs, strategy):
+    dirs, _, _ = runs
+    steps = [0, 1, 2, 4, 6]
+    for step in steps:
+        ld_one, ld_two = (dirs[name] / "checkpoints" / f"step_{step}" / "learning_dynamics"
+                          for name in ("one", strategy))
+        assert sorted(p.name for p in ld_two.iterdir()) == sorted(p.name for p in ld_one.iterdir())
+        for path in ld_one.iterdir():
+            one, two = (torch.load(d / path.name, weights_only=True) for d in (ld_one, ld_two))
+            assert one.keys() == two.keys()
+            for key in one:  # activations in data order: the ranks' rows gathered in rank order
+                assert one[key].shape == two[key].shape, (step, path.name, key)
+                torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_evaluation_split_across_ranks_gives_the_perplexity_of_one_process(runs, strategy):
+    dirs, _, _ = runs
+    for path in (dirs["one"] / "eval_results").iterdir():
+        one = json.loads(path.read_text())["paloma"]
+        two = json.loads((dirs[strategy] / "eval_results" / path.name).read_text())["paloma"]
+        assert two == pytest.approx(one, rel=1e-5)
+
+
+def only_rank_0_writes(run_dir: Path):
+    """One log per start, one record per step: nothing written twice by two ranks."""
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == sorted(set(steps))
+    return len(list((run_dir / "logs").iterdir()))
+
+
+def test_only_rank_0_writes_the_shared_files(runs):
+    dirs, _, _ = runs
+    assert only_rank_0_writes(dirs["ddp"]) == 1
+    # FSDP: each rank wrote its shard of the optimizer state, and the manifest lists both.
+    manifest = json.loads((dirs["fsdp"] / "checkpoints" / "latest" / "checkpoint.json").read_text())
+    assert {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= set(manifest["files"])
+
+
+def resume_at_step_4(source: Path, name: str) -> Path:
+    """A copy of a finished run as it stood after its checkpoint at step 4, as if stopped there."""
+    target = source.parent / name
+    shutil.copytree(source, target, symlinks=True)
+    shutil.rmtree(target / "checkpoints" / "step_6")
+    os.replace(target / "checkpoints" / "latest", target / "checkpoints" / "old-latest")
+    (target / "checkpoints" / "latest").symlink_to("step_4")
+    (target / "checkpoints" / "old-latest").unlink()
+    return target
+
+
+def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(runs):
+    dirs, config, common = runs
+    resumed = resume_at_step_4(dirs["fsdp"], "fsdp-to-one")
+    result = run(config, *common, "--checkpointing.run_name=fsdp-to-one")
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert_same_losses(dirs["one"], resumed)
+    assert_same_weights(dirs["one"], resumed)
+    one, two = (optimizer_state(d / "checkpoints" / "step_6") for d in (dirs["one"], resumed))
+    for name, state in one["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(two["state"][name][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_one_process_checkpoint_resumes_in_two_processes(runs):
+    dirs, config, common = runs
+    resumed = resume_at_step_4(dirs["one"], "one-to-fsdp")
+    torchrun(config, *common, *TWO, "--checkpointing.run_name=one-to-fsdp", "--training.distributed=fsdp")
+    assert_same_losses(dirs["one"], resumed)
+    assert_same_weights(dirs["one"], resumed)
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_checkpoint_resumes_in_two_fsdp_processes(runs):
+    dirs, config, common = runs
+    resumed = resume_at_step_4(dirs["ddp"], "ddp-to-fsdp")
+    torchrun(config, *common, "--checkpointing.run_name=ddp-to-fsdp", "--training.distributed=fsdp")
+    assert_same_losses(dirs["one"], resumed)
+    assert_same_weights(dirs["one"], resumed)
+
+
+def test_a_failure_on_one_rank_ends_the_job_with_its_message(tmp_path):
+    # Row groups of 4 rows: at global batch 8, rank 0 reads group 2s and rank 1 group 2s + 1 at
+    # step s. A token id out of range in group 5 fails rank 1 alone, at step 2, mid-training.
+    rows = np.random.default_rng(0).integers(0, VOCAB, size=(256, SEQ + 1))
+    rows[5 * 4 + 1, 7] = VOCAB
+    (tmp_path / "shards").mkdir()
+    offsets = pa.array(np.arange(0, rows.size + 1, SEQ + 1, dtype=np.int32))
+    pq.write_table(pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1)))}),
+                   tmp_path / "shards" / "00000-of-00001.parquet", row_group_size=4)
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY.format(data=str(tmp_path / "shards"), runs=str(tmp_path / "runs")))
+    started = time.monotonic()
+    result = torchrun(config, check=False, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines and lines[0].startswith("error: rank 1: ") and f"token id {VOCAB}" in lines[0], result.stderr[-3000:]
+    assert "step 2/" in result.stdout and "step 3/" not in result.stdout
+    assert os.readlink(tmp_path / "runs" / "run" / "checkpoints" / "latest") == "step_2"
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_one_line(tiny):
+    config, runs = tiny
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, env=env)
+    assert result.returncode != 0 and not runs.exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: data.dataloader.batch_size=8: expected a positive multiple of world size x "
+        "training.optimization.gradient_accumulation_steps = 3 x 1 = 3"]
+
+
+def test_fsdp_on_a_torch_without_fully_shard_is_refused(monkeypatch):
+    monkeypatch.setattr(train, "fully_shard", None)
+    config = train.Config()
+    config.training.distributed = "fsdp"
+    with pytest.raises(train.ConfigError, match=r"^training.distributed='fsdp': expected 'ddp': torch "
+                                                r"\S+ has no fully_shard"):
+        train.validate(config, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: NCCL is valid")
+def test_nccl_on_a_machine_without_cuda_is_one_line(tiny):
+    config, runs = tiny
+    result = run(config, "--training.backend=nccl", check=False)
+    assert result.returncode != 0 and not runs.exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: training.backend='nccl': expected 'gloo' or 'auto': NCCL needs CUDA GPUs, and this "
+        "machine has none"]
+
+
+def legacy_checkpoint(step_dir: Path):
+    """Turn a checkpoint into the layout of the earlier pico: AdamW's own state_dict (parameters
+    by position) in optimizer.pt with the scheduler, and no optimizer/."""
+    state = optimizer_state(step_dir)
+    names = list(state["state"])  # in the model's parameter order
+    scheduler = torch.load(step_dir / "training_state.pt", weights_only=True)["scheduler"]
+    legacy = {"state": {i: state["state"][name] for i, name in enumerate(names)},
+              "param_groups": [{**group, "params": list(range(len(names)))} for group in state["param_groups"]]}
+    torch.save({"optimizer": legacy, "scheduler": scheduler}, step_dir / "optimizer.pt")
+    shutil.rmtree(step_dir / "optimizer")
+    manifest = json.loads((step_dir / "checkpoint.json").read_text())
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("optimizer/")}
+    files["optimizer.pt"] = (step_dir / "optimizer.pt").stat().st_size
+    (step_dir / "checkpoint.json").write_text(json.dumps({**manifest, "files": files}))
+
+
+def test_an_earlier_picos_checkpoint_resumes_in_one_process_and_is_refused_by_fsdp(tiny):
+    config, runs = tiny
+    run(config, "--training.max_steps=12", "--checkpointing.run_name=whole")
+    run(config, "--training.max_steps=12")
+    for step in (8, 12):
+        shutil.rmtree(runs / "run" / "checkpoints" / f"step_{step}")
+    (runs / "run" / "checkpoints" / "latest").unlink()
+    (runs / "run" / "checkpoints" / "latest").symlink_to("step_4")
+    legacy_checkpoint(runs / "run" / "checkpoints" / "step_4")
+
+    before = snapshot(runs / "run")
+    result = run(config, "--training.max_steps=12", "--training.distributed=fsdp", check=False)
+    assert result.returncode != 0 and snapshot(runs / "run") == before
+    assert result.stderr.strip().splitlines() == [
+        f"error: {runs / 'run' / 'checkpoints' / 'step_4' / 'optimizer.pt'}: optimizer state saved "
+        f"by an earlier pico for one process or DDP, which FSDP cannot load; resume with "
+        f"training.distributed='ddp' until the next checkpoint, then switch"]
+
+    run(config, "--training.max_steps=12")
+    assert losses(runs / "run") == losses(runs / "whole")
+    assert all(torch.equal(a, b) for a, b in zip(final_weights(runs / "run").values(),
+                                                  final_weights(runs / "whole").values()))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the parent's pid
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny):
+    config, runs = tiny
+    longer = ["--training.max_steps=60", "--data.dataloader.batch_size=32"]
+    run(config, *longer, "--checkpointing.run_name=whole")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(ROOT / "train.py"), str(config), *longer],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step 3/60" in line:
+            workers = children(proc.pid)
+            assert len(workers) == 2
+            os.kill(workers[-1], signal.SIGTERM)  # one rank only, as a node's own notice would
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    stopped = int(os.readlink(runs / "run" / "checkpoints" / "latest").split("_")[1])
+    assert stopped < 60, "the run finished before the signal arrived"
+    assert f"stopped at step {stopped}" in output
+    torchrun(config, *longer)
+    assert_same_losses(runs / "whole", runs / "run", steps=range(1, 61))
+    assert_same_weights(runs / "whole", runs / "run")
