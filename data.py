@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sys
 import sysconfig
 import threading
@@ -198,13 +199,18 @@ class HubShards:
     disk: older ones are deleted (but never offline, where the cache is the only copy). So two runs
     that share a cache and read the same dataset at different positions delete each other's
     shards: give them separate HF_HUB_CACHE directories.
+
+    shared: the processes of one torchrun job share their node's cache and read the same shards,
+    each a few steps ahead of or behind the others. Each then also keeps the shard before its own
+    and the one after the ones it keeps, which another process may still be reading or may have
+    just downloaded: at most max_cached_shards + 2 per node.
     """
 
     def __init__(self, repo_id: str, revision: str, row_len: int | None, vocab_size: int,
-                 max_cached_shards: int = 2, key: str = "data.dataset.name"):
+                 max_cached_shards: int = 2, key: str = "data.dataset.name", shared: bool = False):
         self.key = key  # the config key that named the repo, for error messages
         self.repo_id, self.revision, self.row_len, self.vocab_size = repo_id, revision, row_len, vocab_size
-        self.max_cached_shards = max_cached_shards
+        self.max_cached_shards, self.shared = max_cached_shards, shared
         self.name = repo_id if revision == "main" else f"{repo_id}@{revision}"
         offline = constants.is_offline_mode()
         self.sha = self._hub(f"look up revision {revision}", lambda: HfApi().resolve_revision(
@@ -320,7 +326,7 @@ class HubShards:
             if k is not None and k not in window:
                 others[k] = path
         nearest = sorted(others, key=lambda k: abs(k - window.start))
-        for k in nearest[self.max_cached_shards - len(window):]:
+        for k in nearest[max(self.max_cached_shards - len(window), 0):]:
             blob = others[k].resolve()  # the snapshot entry links to the blob holding the bytes
             others[k].unlink()
             blob.unlink(missing_ok=True)
@@ -331,7 +337,8 @@ class HubShards:
             return self._current[1]
         self._current = (None, None)  # its file may be deleted now
         window = range(k, min(k + self.max_cached_shards, len(self.files)))
-        self._evict(window)  # before downloading: the bound holds at every moment
+        # before downloading: the bound holds at every moment
+        self._evict(range(max(k - 1, 0), min(window.stop + 1, len(self.files))) if self.shared else window)
         self._prefetch(k)
         thread, result = self._fetches.pop(k)
         thread.join()
@@ -427,13 +434,14 @@ class BatchStream:
 
 
 def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0,
-                 max_cached_shards: int = 2) -> ParquetShards | HubShards:
+                 max_cached_shards: int = 2, shared: bool = False) -> ParquetShards | HubShards:
     """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
-    (namespace/name[@revision]) or the embedded corpus."""
+    (namespace/name[@revision]) or the embedded corpus. shared: read by several processes of
+    one job (HubShards)."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(row_len - 1, seed) / "train"
     elif repo := hub_repo(name):
-        return HubShards(*repo, row_len, vocab_size, max_cached_shards)
+        return HubShards(*repo, row_len, vocab_size, max_cached_shards, shared=shared)
     else:
         directory = Path(name)
     return ParquetShards(list_shards(directory), row_len, vocab_size)
@@ -547,18 +555,15 @@ def prepare_local(seq_len: int, seed: int = 0) -> Path:
     if len(rows) < 2 * VAL_ROWS:
         raise DataError(f"model.max_seq_len={seq_len} leaves only {len(rows)} rows of the "
                         f"embedded corpus; expected at least {2 * VAL_ROWS}")
-    tmp = CORPUS_ROOT / f".{out.name}.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    tmp = CORPUS_ROOT / f".{out.name}.{os.getpid()}.tmp"  # each process of a torchrun job its own
     write_shards(rows[VAL_ROWS:], tmp / "train")
     write_shards(rows[:VAL_ROWS], tmp / "val")
     try:
         tmp.rename(out)  # atomic: a crash while writing never leaves a half corpus
     except OSError:
-        if not out.is_dir():  # another process finished the same (deterministic) corpus first
+        if not out.is_dir():
             raise
+        shutil.rmtree(tmp)  # another process finished the same (deterministic) corpus first
     return out
 
 

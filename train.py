@@ -881,7 +881,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
-                               config.data.seed, config.data.dataset.max_cached_shards)
+                               config.data.seed, config.data.dataset.max_cached_shards,
+                               shared=world_size > 1)
     if max_steps * global_batch > shards.num_rows:
         raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "
                           f"of data, {config.data.dataset.name} has {shards.num_rows:,} "

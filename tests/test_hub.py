@@ -196,6 +196,23 @@ def test_at_most_max_cached_shards_stay_on_disk(hub, tmp_path, max_cached_shards
     assert all(len(shard_downloads(hub, k, 8)) == 1 for k in range(8))  # each downloaded once
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_processes_sharing_a_cache_never_delete_a_shard_another_reads(hub, tmp_path, shared):
+    # Two ranks of one torchrun job on one node: b's reader runs a few rows behind a's, so around
+    # each boundary a reads shard k while b still reads shard k - 1.
+    hub.add_repo(REPO, write_repo(tmp_path / "repo", n_shards=6))
+    a, b = (data.open_dataset(REPO, ROW_LEN, VOCAB, max_cached_shards=1, shared=shared) for _ in "ab")
+    try:
+        for k in range(1, 6):
+            for shards, start in ((a, k * ROWS), (b, k * ROWS - 4), (a, k * ROWS + 4)):
+                np.testing.assert_array_equal(shards.read(start, 4), expected_rows(start, 4))
+    except OSError as e:
+        assert not shared, e  # without `shared`, one deletes the shard the other is reading
+        return
+    assert shared, "expected a shard to vanish under a reader"
+    assert len(cached_shards(tmp_path / "hf-cache")) <= 1 + 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Offline, and the Hub out of reach
 # ---------------------------------------------------------------------------------------------
