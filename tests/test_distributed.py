@@ -231,23 +231,22 @@ def legacy_checkpoint(step_dir: Path):
 
 def test_an_earlier_picos_checkpoint_resumes_in_one_process_and_is_refused_by_fsdp(tiny):
     config, runs = tiny
-    run(config, "--training.max_steps=12", "--checkpointing.run_name=whole")
-    run(config, "--training.max_steps=12")
-    for step in (8, 12):
-        shutil.rmtree(runs / "run" / "checkpoints" / f"step_{step}")
+    run(config, "--training.max_steps=8", "--checkpointing.run_name=whole")
+    run(config, "--training.max_steps=8")
+    shutil.rmtree(runs / "run" / "checkpoints" / "step_8")
     (runs / "run" / "checkpoints" / "latest").unlink()
     (runs / "run" / "checkpoints" / "latest").symlink_to("step_4")
     legacy_checkpoint(runs / "run" / "checkpoints" / "step_4")
 
     before = snapshot(runs / "run")
-    result = run(config, "--training.max_steps=12", "--training.distributed=fsdp", check=False)
+    result = run(config, "--training.max_steps=8", "--training.distributed=fsdp", check=False)
     assert result.returncode != 0 and snapshot(runs / "run") == before
     assert result.stderr.strip().splitlines() == [
         f"error: {runs / 'run' / 'checkpoints' / 'step_4' / 'optimizer.pt'}: optimizer state saved "
         f"by an earlier pico for one process or DDP, which FSDP cannot load; resume with "
         f"training.distributed='ddp' until the next checkpoint, then switch"]
 
-    run(config, "--training.max_steps=12")
+    run(config, "--training.max_steps=8")
     assert losses(runs / "run") == losses(runs / "whole")
     assert all(torch.equal(a, b) for a, b in zip(final_weights(runs / "run").values(),
                                                   final_weights(runs / "whole").values()))
@@ -268,14 +267,14 @@ def children(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny):
     config, runs = tiny
-    longer = ["--training.max_steps=60", "--data.dataloader.batch_size=32"]
+    longer = ["--training.max_steps=30", "--data.dataloader.batch_size=16"]
     run(config, *longer, "--checkpointing.run_name=whole")
     proc = subprocess.Popen([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", str(ROOT / "train.py"), str(config), *longer],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
-        if "step 3/60" in line:
+        if "step 3/30" in line:
             workers = children(proc.pid)
             assert len(workers) == 2
             os.kill(workers[-1], signal.SIGTERM)  # one rank only, as a node's own notice would
@@ -283,8 +282,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
     stopped = int(os.readlink(runs / "run" / "checkpoints" / "latest").split("_")[1])
-    assert stopped < 60, "the run finished before the signal arrived"
+    assert stopped < 30, "the run finished before the signal arrived"
     assert f"stopped at step {stopped}" in output
     torchrun(config, *longer)
-    assert_same_losses(runs / "whole", runs / "run", steps=range(1, 61))
+    assert_same_losses(runs / "whole", runs / "run", steps=range(1, 31))
     assert_same_weights(runs / "whole", runs / "run")
