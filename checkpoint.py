@@ -492,7 +492,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
         (tmp / "optimizer").mkdir(parents=True)
     barrier()  # the directory exists before any rank writes into it
     with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save({"optimizer": optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
     barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
     if is_writer():
@@ -612,7 +612,7 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
         optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
                 dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
         except Exception as e:  # a damaged shard or a model that does not match
             raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "
