@@ -547,12 +547,13 @@ def parallelize(model: PicoDecoder, config: Config, device: torch.device, precis
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
                                       reduce_dtype=torch.float32)
         reshard = config.training.reshard_after_forward
-        for block in model.layers:
+        for i, block in enumerate(model.layers):
             if use_compile:
                 block.forward = torch.compile(block.forward)
-            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
-        # The output layer's backward comes right after its forward: resharding in between would
-        # only gather its weights (the largest matrix) twice.
+            # The last block's backward and the output layer's come right after their forwards:
+            # resharding in between would only gather the same weights twice.
+            last = i == len(model.layers) - 1
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and not last)
         fully_shard(model.de_embedding_proj, mp_policy=policy, reshard_after_forward=False)
         fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         return model, model
@@ -1071,6 +1072,11 @@ def main(argv: list[str]) -> int:
                 evaluate_and_upload(done, whole)
                 del whole
                 t_log += time.perf_counter() - paused  # tokens/s counts training time only
+        # The ranks finish together, before rank 0 waits for its last uploads on its own: the
+        # others must not wait for those in a collective, which could time out. (And a group
+        # destroyed while gloo's worker thread still frees the last collective's tensor can
+        # deadlock on the GIL; a barrier holds no tensor.)
+        checkpoint.barrier()
     finally:
         batches.close()
         metrics.close()
@@ -1100,8 +1106,5 @@ if __name__ == "__main__":
     except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         sys.exit(report(e))
     if dist.is_initialized():
-        # The barrier first: a collective still being torn down in gloo's worker thread when the
-        # group is destroyed can deadlock the two threads on the GIL.
-        dist.barrier()
         dist.destroy_process_group()
     sys.exit(code)
