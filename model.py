@@ -204,11 +204,12 @@ class PicoDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache, i)
         logits = self.de_embedding_proj(self.output_norm(x))
-        loss = None
-        if labels is not None:
-            # float32 for the softmax: bf16 logits would round the loss the model is graded on.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, None if labels is None else self.next_token_loss(logits, labels)
+
+    @staticmethod
+    def next_token_loss(logits, labels):
+        # float32 for the softmax: bf16 logits would round the loss the model is graded on.
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None):

@@ -555,6 +555,8 @@ def parallelize(model: PicoDecoder, config: Config, device: torch.device, precis
             last = i == len(model.layers) - 1
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and not last)
         fully_shard(model.de_embedding_proj, mp_policy=policy, reshard_after_forward=False)
+        if use_compile:  # and the loss, whose float32 logits compiled code never stores whole
+            model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
         fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         return model, model
     return (torch.compile(model) if use_compile else model), None
