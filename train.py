@@ -904,6 +904,9 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"checkpointing.learning_dynamics.sequence_idx={ld.sequence_idx}: "
                               f"{ld.eval_data} has rows of only {shortest} input tokens")
 
+    with torch.device("meta"):  # module names only: no memory, no weights
+        capture_modules(PicoDecoder(config.model), config)  # a suffix that matches none stops here
+
     # Several processes: join the others. Every rank has read and checked the same config, data
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
     flags_group = None
@@ -932,7 +935,6 @@ def main(argv: list[str]) -> int:
         """The model with all its weights on this rank."""
         return gather_whole_model(model, config.model, device) if fsdp else model
 
-    capture_modules(model, config)  # a layer suffix that matches no module stops the run here
 
     # Everything checked: now the run directory may be written, by rank 0 alone.
     writer = rank == 0
