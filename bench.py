@@ -102,6 +102,11 @@ def step(model, optimizer, loss_fn, tokens, device) -> float:
     return time.perf_counter() - start
 
 
+def untimed_steps(args, use_compile: bool) -> int:
+    """Steps run before timing: compilation, allocator and optimizer-state set-up happen there."""
+    return max(args.warmup, 3) if use_compile else args.warmup
+
+
 def bench(name: str, use_compile: bool, args, device: torch.device) -> str:
     """Time both models of one configuration; its markdown table row."""
     (pico, pico_opt), (hf, hf_opt) = build(name, args.seq_len, device)
@@ -111,10 +116,8 @@ def bench(name: str, use_compile: bool, args, device: torch.device) -> str:
     runs = [(pico, pico_opt, pico_loss, []), (hf, hf_opt, hf_loss, [])]
     vocab = pico.config.vocab_size
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
-    # Untimed steps first: compilation, allocator and optimizer-state set-up happen here.
-    warmup = max(args.warmup, 3) if use_compile else args.warmup
     for model, optimizer, loss_fn, _ in runs:
-        for _ in range(warmup):
+        for _ in range(untimed_steps(args, use_compile)):
             step(model, optimizer, loss_fn, tokens, device)
     for r in range(args.rounds):
         # Swap who goes first every round, so neither always runs on a cache the other warmed.
@@ -229,24 +232,22 @@ def bench_scaling(args):
     precision = "bf16-mixed" if device.type == "cuda" else "32"
     tokens = torch.randint(0, config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
 
-    def tokens_per_s(model, optimizer) -> float:
-        for _ in range(max(args.warmup, 3) if args.compile else args.warmup):
-            step(model, optimizer, pico_loss, tokens, device)
-        times = [step(model, optimizer, pico_loss, tokens, device) for _ in range(args.rounds)]
+    def tokens_per_s(wrap) -> float:
+        """Of a fresh model wrapped by wrap(model) -> the module each step calls."""
+        torch.manual_seed(0)
+        model = PicoDecoder(config.model).to(device).train()
+        step_model = wrap(model)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+        for _ in range(untimed_steps(args, args.compile)):
+            step(step_model, optimizer, pico_loss, tokens, device)
+        times = [step(step_model, optimizer, pico_loss, tokens, device) for _ in range(args.rounds)]
         return args.batch_size * args.seq_len / statistics.median(times)
 
     alone = None
     if rank == 0:  # the reference, while the other processes wait
-        torch.manual_seed(0)
-        model = PicoDecoder(config.model).to(device).train()
-        alone = tokens_per_s(torch.compile(model) if args.compile else model,
-                             torch.optim.AdamW(model.parameters(), fused=device.type == "cuda"))
-        del model
+        alone = tokens_per_s(lambda model: torch.compile(model) if args.compile else model)
     torch.distributed.barrier()
-    torch.manual_seed(0)
-    model = PicoDecoder(config.model).to(device).train()
-    step_model, _ = train.parallelize(model, config, device, precision, args.compile)
-    together = tokens_per_s(step_model, torch.optim.AdamW(model.parameters(), fused=device.type == "cuda"))
+    together = tokens_per_s(lambda model: train.parallelize(model, config, device, precision, args.compile)[0])
     per_rank = [None] * world_size
     torch.distributed.all_gather_object(per_rank, together)
     if rank == 0:
@@ -260,8 +261,7 @@ def bench_scaling(args):
         slowest = min(per_rank)  # the processes wait for each other every step
         print(f"| {world_size} | {args.distributed} | {alone:,.0f} | {slowest:,.0f} | "
               f"{slowest * world_size:,.0f} | {slowest / alone:.1%} |")
-    del step_model, model  # DDP's reducer holds the group: free it first, then end (train.py)
-    torch.distributed.barrier()
+    torch.distributed.barrier()  # as train.py ends: no collective left in flight
     torch.distributed.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ It is written to a hidden temporary directory and renamed into place, and only t
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -457,14 +458,28 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+def world() -> tuple[int, int]:
+    """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
 def is_writer() -> bool:
     """Rank 0 writes every shared file; a single process is rank 0."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return world()[1] == 0
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_in_one_process():
+    """torch.distributed.checkpoint warns that it is "assuming the intent is to save (load) in a
+    single process" whenever there is no process group: that is this trainer's normal case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
 
 
 def optimizer_state_dict(model: PicoDecoder, optimizer) -> dict:
@@ -491,8 +506,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             shutil.rmtree(tmp)  # left by a run killed while writing it
         (tmp / "optimizer").mkdir(parents=True)
     barrier()  # the directory exists before any rank writes into it
-    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+    with _quiet_in_one_process():
         dcp.save({"optimizer": optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
     barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
     if is_writer():
@@ -611,8 +625,7 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     else:
         optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            with _quiet_in_one_process():
                 dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
         except Exception as e:  # a damaged shard or a model that does not match
             raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "

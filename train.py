@@ -574,7 +574,7 @@ def gradient_sync(wrapper, sync: bool):
 
 def any_rank(flag: bool, group) -> bool:
     """Whether the flag is set on any rank, so every rank acts on it at the same step."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if checkpoint.world()[0] == 1:
         return flag
     votes = torch.tensor([int(flag)])
     dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
@@ -598,7 +598,7 @@ def gather_captures(captures: dict, counts: list[int], device: torch.device) -> 
     """One rank's captures (checkpoint.capture_learning_dynamics) made whole: gradients summed
     over the ranks (each is its rows' share of the mean), activations concatenated in rank
     order, which is data order (rank r holds the r-th contiguous block of rows)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if checkpoint.world()[0] == 1:
         return captures
     for name, gradient in captures["gradients"].items():
         gradient = gradient.to(device)
@@ -709,8 +709,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
-    if dist.is_initialized():
-        rows = rows[data.rank_slice(len(rows), dist.get_world_size(), dist.get_rank())]
+    rows = rows[data.rank_slice(len(rows), *checkpoint.world())]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs, labels = (t.to(device) for t in data.collate(chunk))
@@ -816,7 +815,7 @@ def learning_dynamics(model, train_batch, val_rows, modules, config: Config, dev
     is this rank's part of the global batch, val_rows all of them) and the results are
     gathered, so every rank returns those of one process."""
     ld = config.checkpointing.learning_dynamics
-    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    world_size, rank = checkpoint.world()
     splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
     if ld.capture_train:
         mine = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
