@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import test_train
 from hub_server import point_huggingface_hub_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,25 +314,14 @@ def test_the_token_goes_to_the_hub_only_and_is_never_printed(repo, hub, monkeypa
 # Through the command line: train.py and data.py verify
 # ---------------------------------------------------------------------------------------------
 
-TINY = """
-data.dataset.name = {data!r}
+# test_train's tiny model, on the stand-in repo's rows of 9 tokens out of 1000.
+TINY = test_train.TINY + """
 data.dataset.max_cached_shards = 2
-data.dataloader.batch_size = 8
 model.vocab_size = 1000
 model.max_seq_len = 8
-model.d_model = 32
-model.n_layers = 2
-model.attention_n_heads = 4
-model.attention_n_kv_heads = 2
-model.activation_hidden_dim = 64
 training.max_steps = 8
+training.optimization.lr = 3e-4
 training.optimization.lr_warmup_steps = 2
-checkpointing.run_name = "run"
-checkpointing.runs_dir = {runs!r}
-checkpointing.save_every_n_steps = 4
-evaluation.metrics = []
-checkpointing.learning_dynamics.eval_data = None
-monitoring.logging.log_every_n_steps = 1
 """
 
 

@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 import checkpoint
 import data
+import test_train
 import train as trainer
 from hub_server import point_huggingface_hub_at
 
@@ -33,27 +34,17 @@ LEARNING_DYNAMICS = [f"learning_dynamics/{split}_{kind}.pt" for split in ("train
 
 # Checkpoints 0, 1 (log-spaced) and 2. The learning rate of the first step is 0 (warm-up from 0),
 # so checkpoint 1 holds checkpoint 0's bytes: its commits must be made all the same.
-TINY = """
-data.dataset.name = {shards!r}
-data.dataloader.batch_size = 8
-model.vocab_size = 64
-model.max_seq_len = 32
-model.d_model = 32
-model.n_layers = 2
-model.attention_n_heads = 4
-model.attention_n_kv_heads = 2
-model.activation_hidden_dim = 64
+# test_train's tiny model, for 2 steps, evaluated and captured on the fixed rows of `eval`.
+TINY = test_train.TINY + """
 training.max_steps = 2
+training.optimization.lr = 3e-4
 training.optimization.lr_warmup_steps = 1
-checkpointing.run_name = "run"
-checkpointing.runs_dir = {runs!r}
 checkpointing.save_every_n_steps = 2
 checkpointing.hf_checkpoint.upload_attempts = 2
 checkpointing.hf_checkpoint.upload_retry_delay = 0.01
 checkpointing.learning_dynamics.eval_data = {eval!r}
 evaluation.metrics = ["paloma"]
 evaluation.paloma.dataset_name = {eval!r}
-monitoring.logging.log_every_n_steps = 1
 """
 
 
@@ -65,7 +56,7 @@ def tiny(hub, tmp_path, monkeypatch):
     data.write_shards(rng.integers(0, 64, size=(256, 33)), tmp_path / "shards")
     data.write_shards(rng.integers(0, 64, size=(8, 33)), tmp_path / "eval")
     config = tmp_path / "tiny.py"
-    config.write_text(TINY.format(shards=str(tmp_path / "shards"), runs=str(tmp_path / "runs"),
+    config.write_text(TINY.format(data=str(tmp_path / "shards"), runs=str(tmp_path / "runs"),
                                   eval=str(tmp_path / "eval")))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return config
