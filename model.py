@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     d_model: int = 768
     n_layers: int = 12

@@ -1,0 +1,374 @@
+"""The config of a run: six sections with pico-train's names and defaults (its recipe: global
+batch 1024 x 2048 tokens, AdamW 3e-4, 2,500 warm-up steps, linear decay to 0 at 200,000 steps).
+
+A Python config file (`model.d_model = 96`), a pico-train YAML (`model: {d_model: 96}`) and the
+command line (`--model.d_model=96`) all set keys through one walker, `set_key`, so each kind of
+mistake reads the same wherever it was made. A field's type says what it accepts (a `Literal`
+choice, a `Positive` count), checked by one generic check; `validate()` holds the rules that
+relate several keys.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import yaml
+
+from model import ModelConfig
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key, the value and what was expected."""
+
+
+# A count is Positive, a rate PositiveFloat, ...: the type alone says what a field accepts.
+Positive, NonNegative = Annotated[int, "positive"], Annotated[int, "non-negative"]
+PositiveFloat, NonNegativeFloat = Annotated[float, "positive"], Annotated[float, "non-negative"]
+
+
+# Every section is a dataclass with slots: a misspelled field is an error, never a new attribute
+# that nothing reads. The README's configuration table says more of each field.
+@dataclass(slots=True)
+class DatasetConfig:
+    # A Hub dataset repo ("namespace/name[@revision]"), a directory of Parquet shards, or
+    # "builtin:stdlib-bytes" (the offline corpus)
+    name: str = "pico-lm/pretokenized-dolma"
+    max_cached_shards: Positive = 2  # Hub shards kept on disk: the one read and the next ones
+
+
+@dataclass(slots=True)
+class DataLoaderConfig:
+    batch_size: Positive = 1024  # the GLOBAL batch, in sequences, summed over ranks and micro-steps
+
+
+@dataclass(slots=True)
+class TokenizerConfig:
+    name: str = "allenai/OLMo-7B-0724-hf"  # what made the token ids; the trainer never runs it
+    vocab_size: Positive = 50304
+
+
+@dataclass(slots=True)
+class DataConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seed: int = 0  # shuffles the embedded corpus once, when built; Parquet shards keep file order
+
+
+@dataclass(slots=True)
+class OptimizationConfig:
+    optimizer: Literal["adamw"] = "adamw"
+    lr: PositiveFloat = 3e-4
+    lr_scheduler: Literal["linear_with_warmup", "cosine_with_warmup"] = "linear_with_warmup"
+    lr_warmup_steps: NonNegative = 2500
+    weight_decay: float = 0.01  # PyTorch's AdamW default, as pico-train uses it
+    gradient_accumulation_steps: Positive = 1
+    max_grad_norm: PositiveFloat | None = None  # gradient clipping; None: off, as in pico-train
+
+
+@dataclass(slots=True)
+class TrainingConfig:
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    max_steps: Positive = 200_000
+    seed: int = 42  # the model's initialisation; the data order depends on no seed
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, else MPS, else CPU
+    precision: Literal["auto", "bf16-mixed", "32"] = "auto"  # auto: bf16-mixed on CUDA, else 32
+    compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; see train.py's parallelize
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    reshard_after_forward: bool = True  # FSDP: gather each block again for its backward
+
+
+@dataclass(slots=True)
+class TrainingCheckpointingConfig:
+    auto_resume: bool = True
+    # A new run's first weights: a checkpoint directory or Hub model repo ("namespace/name[@rev]")
+    # that PicoDecoder.from_pretrained reads, of the config's shape. A resumed run ignores it.
+    init_from: str | None = None
+
+
+@dataclass(slots=True)
+class HuggingFaceCheckpointingConfig:
+    repo_id: str = ""  # with checkpointing.save_to_hf: each checkpoint goes to branch run_name here
+    collection_slug: str | None = None
+    # A failed upload is tried upload_attempts times, upload_retry_delay seconds apart, then twice
+    # that, ...; one still not uploaded is uploaded at the run's next start.
+    upload_attempts: Positive = 5
+    upload_retry_delay: NonNegativeFloat = 10.0
+
+
+@dataclass(slots=True)
+class LearningDynamicsCheckpointingConfig:
+    # Modules captured in every layer, by the end of their names (see model.py)
+    layer_suffixes: list[str] = field(
+        default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
+    layers: list[int] | None = None  # None: every layer
+    sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
+    batch_size: Positive = 8  # sub-batch of the capture's forward/backward; never changes the result
+    capture_train: bool = True  # train_*.pt: on the batch the checkpoint's last step trained on
+    # val_*.pt: on this fixed set (a Hub repo's val split, a directory or builtin:stdlib-bytes);
+    # None: no val captures, as in pico-train
+    eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
+
+
+@dataclass(slots=True)
+class CheckpointingConfig:
+    run_name: str | None = None  # None: a timestamp (which never resumes)
+    runs_dir: str = "runs"
+    save_every_n_steps: Positive = 1000
+    # Pythia-style extra checkpoints at steps 0, 1, 2, 4, ... up to this step, where most learning
+    # dynamics happen. 0: none.
+    log_spaced_until: NonNegative = 512
+    # The optimizer state (twice the model's size) is kept in the newest N checkpoints only; resume
+    # needs the newest. None: in every one.
+    keep_last_n_optimizer_states: Positive | None = None
+    save_to_hf: bool = False
+    hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
+    training: TrainingCheckpointingConfig = field(default_factory=TrainingCheckpointingConfig)
+    learning_dynamics: LearningDynamicsCheckpointingConfig = field(
+        default_factory=LearningDynamicsCheckpointingConfig)
+
+
+@dataclass(slots=True)
+class PalomaEvaluationConfig:
+    dataset_name: str = "pico-lm/pretokenized-paloma-tinsy"
+    dataset_split: str = "val"
+    max_length: int = 2048  # pico-train's; unread: an evaluation row has at most max_seq_len + 1
+    batch_size: Positive = 16
+
+
+@dataclass(slots=True)
+class EvaluationConfig:
+    metrics: list[Literal["paloma"]] | None = field(default_factory=lambda: ["paloma"])
+    paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+
+
+@dataclass(slots=True)
+class LoggingConfig:
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_every_n_steps: Positive = 100
+
+
+@dataclass(slots=True)
+class WandbConfig:
+    project: str = ""
+    entity: str = ""
+
+
+@dataclass(slots=True)
+class MonitoringConfig:
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    save_to_wandb: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+# pico-train keys with no meaning here: a pico-train YAML that sets them gets one warning each.
+PICO_TRAIN_ONLY = {
+    "training.fabric": "has no meaning under torchrun (launch with torchrun; see README)",
+    "model.model_type": "the pico-decoder is the only model",
+    "model.batch_size": "the batch is data.dataloader.batch_size",
+    "checkpointing.checkpoints_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.logs_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.fabric_checkpoint_dir": "checkpoints are plain PyTorch files",
+    "checkpointing.fabric_checkpoint_filename": "checkpoints are plain PyTorch files",
+    "checkpointing.learning_dynamics_dir": "the run directory layout is fixed (see README)",
+    "checkpointing.evaluation": "the run directory layout is fixed (see README)",
+    "monitoring.save_to_picolabs": "Pico Labs reporting is not supported",
+    "monitoring.pico_report": "Pico Labs reporting is not supported",
+}
+
+
+def _lookup(config: Config, key: str) -> tuple[object, str]:
+    """(the section holding a dotted key, its last name); an error names the first unknown part."""
+    section, walked = config, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(f"{'.'.join(walked)} is a value, not a config section")
+        names = [f.name for f in dataclasses.fields(section)]
+        walked.append(part)
+        if part not in names:
+            raise ConfigError(f"{'.'.join(walked)} is not a config key; expected one of {', '.join(names)}")
+        holder, section = section, getattr(section, part)
+    return holder, part
+
+
+def set_key(config: Config, key: str, value, source: str):
+    """Set a dotted key (training.optimization.lr) to value: the one way a config file, a YAML or
+    an override writes the config. A mapping given to a section sets its keys."""
+    ignored = next((k for k in PICO_TRAIN_ONLY if key == k or key.startswith(k + ".")), None)
+    if ignored:
+        print(f"warning: {source}: {ignored} ignored: {PICO_TRAIN_ONLY[ignored]}", file=sys.stderr)
+        return
+    holder, name = _lookup(config, key)
+    if not dataclasses.is_dataclass(getattr(holder, name)):
+        setattr(holder, name, value)
+    elif isinstance(value, dict) or value is None:  # YAML: `section:` with nothing under it is None
+        for sub, sub_value in (value or {}).items():
+            set_key(config, f"{key}.{sub}", sub_value, source)
+    else:
+        raise ConfigError(f"{key}={value!r}: {key} is a section; expected a mapping of its keys")
+
+
+class _Section:
+    """A config section as a Python config file sees it: `model.d_model = 96` is set_key."""
+
+    def __init__(self, config: Config, path: str, source: str):
+        object.__setattr__(self, "_where", (config, path, source))
+
+    def __getattr__(self, name):
+        config, path, source = self._where
+        value = getattr(*_lookup(config, f"{path}.{name}"))
+        return _Section(config, f"{path}.{name}", source) if dataclasses.is_dataclass(value) else value
+
+    def __setattr__(self, name, value):
+        config, path, source = self._where
+        set_key(config, f"{path}.{name}", value, source)
+
+
+_NO = object()  # what _conform returns for a value of another type
+
+
+def _conform(value, hint):
+    """value as the type `hint` (an int where a float is expected), or _NO."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:  # Positive, NonNegative, ...
+        value = _conform(value, args[0])
+        return value if value is not _NO and (value > 0 if args[1] == "positive" else value >= 0) else _NO
+    if origin in (typing.Union, types.UnionType):
+        return next((v for v in (_conform(value, arg) for arg in args) if v is not _NO), _NO)
+    if origin is Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _NO
+    if origin is list:
+        items = [_conform(v, args[0]) for v in value] if isinstance(value, (list, tuple)) else [_NO]
+        return _NO if any(v is _NO for v in items) else items
+    if isinstance(value, bool) and hint is not bool:
+        return _NO  # True is an int to Python, never a number to a config
+    return float(value) if hint is float and isinstance(value, int) else value if isinstance(value, hint) else _NO
+
+
+def describe(hint) -> str:
+    """What a field of type `hint` accepts, in words: 'a positive integer', "'ddp' or 'fsdp'"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return f"a {args[1]} {'integer' if args[0] is int else 'number'}"
+    if origin in (typing.Union, types.UnionType):  # every union here is `X | None`
+        return f"None or {describe(args[0])}"
+    if origin is list:
+        return f"a list, each {describe(args[0])}"
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    return {int: "an integer", float: "a number", str: "a string", bool: "True or False"}[hint]
+
+
+def check_types(part, path: str = ""):
+    """Every field of a config (part) against its type; ints become floats where floats are due."""
+    hints = typing.get_type_hints(type(part), include_extras=True)
+    for f in dataclasses.fields(part):
+        key, value = f"{path}.{f.name}" if path else f.name, getattr(part, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, key)
+        elif (conformed := _conform(value, hints[f.name])) is _NO:
+            raise ConfigError(f"{key}={value!r}: expected {describe(hints[f.name])}")
+        else:
+            setattr(part, f.name, conformed)
+
+
+def parse_override(arg: str, config: Config):
+    """--section.key=value: the value a Python literal, else the text; the text too where only it
+    fits the key (--checkpointing.run_name=123 names a run "123")."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError("expected --section.key=value")
+    key, text = arg[2:].split("=", 1)
+    holder, name = _lookup(config, key)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    hint = typing.get_type_hints(type(holder), include_extras=True)[name]
+    set_key(config, key, text if _conform(value, hint) is _NO and _conform(text, hint) is not _NO
+            else value, arg)
+
+
+@contextlib.contextmanager
+def _named(source: str):
+    """Errors in what `source` (a file, an argument) set, named by it."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str, overrides: list[str]) -> Config:
+    """The config of a run: defaults, then the file (Python or pico-train YAML), then overrides."""
+    config, source = Config(), Path(path)
+    if not source.is_file() or source.suffix not in (".py", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path}: expected an existing configs/*.py or YAML file")
+    if source.suffix == ".py":
+        namespace = {f.name: _Section(config, f.name, path) for f in dataclasses.fields(config)}
+        try:
+            exec(compile(source.read_text(), str(source), "exec"), namespace)
+        except ConfigError as e:
+            line = e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?"
+            raise ConfigError(f"{path}, line {line}: {e}") from None
+        except Exception as e:
+            raise ConfigError(f"{path}: {e.__class__.__name__}: {e}") from None
+    else:
+        with _named(path):
+            try:
+                values = yaml.safe_load(source.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"expected a mapping of config sections, got {values!r}")
+            for name, value in values.items():
+                set_key(config, str(name), value, path)
+    for arg in overrides:
+        with _named(arg):
+            parse_override(arg, config)
+    check_types(config)
+    return config
+
+
+def validate(config: Config, world_size: int):
+    """The rules that relate several keys (or a key and this machine), each named, before
+    anything is built or written. A single key's type, choice or sign is its field's type."""
+    opt, ld, training = config.training.optimization, config.checkpointing.learning_dynamics, config.training
+    per_step, cuda = world_size * opt.gradient_accumulation_steps, torch.cuda.is_available()
+    problems = config.model.problems() + [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in [
+        ("data.dataloader.batch_size", config.data.dataloader.batch_size,
+         config.data.dataloader.batch_size % per_step == 0,
+         f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
+         f"= {world_size} x {opt.gradient_accumulation_steps} = {per_step}"),
+        ("training.backend", training.backend,
+         training.backend != "nccl" or (cuda and training.device in ("auto", "cuda")),
+         "'gloo' or 'auto': NCCL needs CUDA GPUs, and " + (
+             "training.device is not 'cuda'" if cuda else "this machine has none")),
+        ("checkpointing.hf_checkpoint.repo_id", config.checkpointing.hf_checkpoint.repo_id,
+         config.checkpointing.hf_checkpoint.repo_id or not config.checkpointing.save_to_hf,
+         "a Hub model repo id (namespace/name) when checkpointing.save_to_hf is true"),
+        ("checkpointing.learning_dynamics.sequence_idx", ld.sequence_idx,
+         -config.model.max_seq_len <= ld.sequence_idx < 1, "a position from the end of each row, "
+         "-1 (the last) to -model.max_seq_len, or 0 (the first)"),
+        ("checkpointing.learning_dynamics.layers", ld.layers,
+         all(0 <= i < config.model.n_layers for i in ld.layers or []),
+         f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
+    ] if not ok]
+    if problems:
+        raise ConfigError(problems[0])
