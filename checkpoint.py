@@ -218,9 +218,9 @@ def _config_value(cfg: dict, key: str, kind: type, source: str):
 def _config_from_fields(cfg: dict, fields: dict[str, str], source: str) -> ModelConfig:
     """ModelConfig from the config.json fields named fields[ours]; an impossible shape (heads
     that do not divide d_model, ...) is refused naming the checkpoint's own fields."""
-    config = ModelConfig(**{
-        ours: _config_value(cfg, theirs, type(getattr(ModelConfig, ours)), source)
-        for ours, theirs in fields.items()})
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(ModelConfig)}  # slots: no class defaults
+    config = ModelConfig(**{ours: _config_value(cfg, theirs, kinds[ours], source)
+                            for ours, theirs in fields.items()})
     for problem in config.problems()[:1]:
         raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
                                                      problem))

@@ -3,6 +3,7 @@ or sharded), pico-train's published format and our export, from a directory or a
 revision; what the decoder cannot express is refused in one line naming the field or tensor; and
 train.py starts a run from any of them (checkpointing.training.init_from)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def save_pico_train(model: PicoDecoder, directory):
     """pico-train's published format, written by hand: its ModelConfig's fields (batch_size
     too), model_type "pico_decoder", weights under "pico_decoder.", RoPE interleaved."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {**vars(model.config), "batch_size": 1024, "model_type": "pico_decoder",
+    config = {**dataclasses.asdict(model.config), "batch_size": 1024, "model_type": "pico_decoder",
               "architectures": ["PicoDecoderHF"], "torch_dtype": "float32"}
     (directory / "config.json").write_text(json.dumps(config))
     save_file({f"pico_decoder.{k}": v.contiguous() for k, v in model.state_dict().items()},
