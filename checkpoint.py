@@ -37,7 +37,6 @@ import data
 from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"
-LEGACY_OPTIMIZER = "optimizer.pt"  # optimizer state by parameter position, before optimizer/
 
 
 class CheckpointError(Exception):
@@ -556,12 +555,11 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
     for _, directory in steps[:-keep]:
         manifest = json.loads((directory / MANIFEST).read_text())
         kept = {name: size for name, size in manifest["files"].items()
-                if not name.startswith(("optimizer/", LEGACY_OPTIMIZER))}
+                if not name.startswith("optimizer/")}
         if kept == manifest["files"]:
             continue
         write_text_atomically(directory / MANIFEST, json.dumps({**manifest, "files": kept}, indent=2) + "\n")
         shutil.rmtree(directory / "optimizer", ignore_errors=True)
-        (directory / LEGACY_OPTIMIZER).unlink(missing_ok=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -595,22 +593,13 @@ def _torch_load(path: Path):
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def read_checkpoint(directory: Path, config: ModelConfig, sharded: bool = False) -> dict:
+def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
     """Read and check every part of a checkpoint that can be read before the model exists, so a
     damaged or unloadable one is reported (naming the file) without touching the model or the run
-    directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer.
-    sharded: the run trains under FSDP."""
+    directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer."""
     manifest = check_complete(directory)
     state = {"model": load_hf_weights(directory, config), **_torch_load(directory / "training_state.pt")}
-    if LEGACY_OPTIMIZER in manifest["files"]:
-        # Written before optimizer state was keyed by name: positions only fit an unsharded model.
-        if sharded:
-            raise CheckpointError(
-                f"{directory / LEGACY_OPTIMIZER}: optimizer state saved by an earlier pico for one "
-                f"process or DDP, which FSDP cannot load; resume with training.distributed='ddp' "
-                f"until the next checkpoint, then switch")
-        state.update(_torch_load(directory / LEGACY_OPTIMIZER))
-    elif not any(name.startswith("optimizer/") for name in manifest["files"]):
+    if not any(name.startswith("optimizer/") for name in manifest["files"]):
         raise CheckpointError(f"{directory}: holds no optimizer state (checkpointing."
                               f"keep_last_n_optimizer_states dropped it); expected optimizer/")
     return state
@@ -620,17 +609,14 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     """Apply a checkpoint read by read_checkpoint to the built model and optimizer. The weights
     were already loaded into the model before it was wrapped for DDP or FSDP; the optimizer state
     is read here, each rank its own part, resharded if the world size changed."""
-    if "optimizer" in state:  # LEGACY_OPTIMIZER
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
-        try:
-            with _quiet_in_one_process():
-                dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
-        except Exception as e:  # a damaged shard or a model that does not match
-            raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "
-                                  f"({_first_line(e)})") from None
-        set_optimizer_state_dict(model, optimizer, optimizer_state)
+    optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
+    try:
+        with _quiet_in_one_process():
+            dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
+    except Exception as e:  # a damaged shard or a model that does not match
+        raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "
+                              f"({_first_line(e)})") from None
+    set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
 

@@ -866,7 +866,7 @@ def main(argv: list[str]) -> int:
     resumed = init_state = init_name = None
     if resume_from is not None:
         check_resume_compatible(config, run_dir / "training_config.yaml")
-        resumed = checkpoint.read_checkpoint(resume_from, config.model, sharded=fsdp)
+        resumed = checkpoint.read_checkpoint(resume_from, config.model)
     elif ckpt_cfg.training.init_from is not None:  # a new run from given weights: read them now too
         init_state, init_name = read_init_weights(config)
     start_step = resumed["step"] if resumed else 0

@@ -213,43 +213,25 @@ def test_nccl_on_a_machine_without_cuda_is_one_line(tiny):
         "machine has none"]
 
 
-def legacy_checkpoint(step_dir: Path):
-    """Turn a checkpoint into the layout of the earlier pico: AdamW's own state_dict (parameters
-    by position) in optimizer.pt with the scheduler, and no optimizer/."""
-    state = optimizer_state(step_dir)
-    names = list(state["state"])  # in the model's parameter order
-    scheduler = torch.load(step_dir / "training_state.pt", weights_only=True)["scheduler"]
-    legacy = {"state": {i: state["state"][name] for i, name in enumerate(names)},
-              "param_groups": [{**group, "params": list(range(len(names)))} for group in state["param_groups"]]}
-    torch.save({"optimizer": legacy, "scheduler": scheduler}, step_dir / "optimizer.pt")
+def test_a_checkpoint_with_optimizer_pt_instead_of_optimizer_is_refused(tiny):
+    """optimizer.pt (AdamW's state by parameter position) was never written by a released pico:
+    only optimizer/ resumes, and a checkpoint without it is refused before anything is written."""
+    config, runs = tiny
+    run(config, "--training.max_steps=4")
+    step_dir = runs / "run" / "checkpoints" / "step_4"
+    torch.save({"optimizer": optimizer_state(step_dir)}, step_dir / "optimizer.pt")
     shutil.rmtree(step_dir / "optimizer")
     manifest = json.loads((step_dir / "checkpoint.json").read_text())
     files = {k: v for k, v in manifest["files"].items() if not k.startswith("optimizer/")}
     files["optimizer.pt"] = (step_dir / "optimizer.pt").stat().st_size
     (step_dir / "checkpoint.json").write_text(json.dumps({**manifest, "files": files}))
 
-
-def test_an_earlier_picos_checkpoint_resumes_in_one_process_and_is_refused_by_fsdp(tiny):
-    config, runs = tiny
-    run(config, "--training.max_steps=8", "--checkpointing.run_name=whole")
-    run(config, "--training.max_steps=8")
-    shutil.rmtree(runs / "run" / "checkpoints" / "step_8")
-    (runs / "run" / "checkpoints" / "latest").unlink()
-    (runs / "run" / "checkpoints" / "latest").symlink_to("step_4")
-    legacy_checkpoint(runs / "run" / "checkpoints" / "step_4")
-
     before = snapshot(runs / "run")
-    result = run(config, "--training.max_steps=8", "--training.distributed=fsdp", check=False)
+    result = run(config, "--training.max_steps=8", check=False)
     assert result.returncode != 0 and snapshot(runs / "run") == before
     assert result.stderr.strip().splitlines() == [
-        f"error: {runs / 'run' / 'checkpoints' / 'step_4' / 'optimizer.pt'}: optimizer state saved "
-        f"by an earlier pico for one process or DDP, which FSDP cannot load; resume with "
-        f"training.distributed='ddp' until the next checkpoint, then switch"]
-
-    run(config, "--training.max_steps=8")
-    assert losses(runs / "run") == losses(runs / "whole")
-    assert all(torch.equal(a, b) for a, b in zip(final_weights(runs / "run").values(),
-                                                  final_weights(runs / "whole").values()))
+        f"error: {step_dir.resolve()}: holds no optimizer state (checkpointing.keep_last_n_optimizer_states "
+        f"dropped it); expected optimizer/"]
 
 
 def children(pid: int) -> list[int]:
