@@ -206,12 +206,12 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.randint(0, config.model.vocab_size, (batch_size, seq_len + 1), device=device)
     val = list(torch.randint(0, config.model.vocab_size, (val_rows, seq_len + 1)))
-    modules = train.capture_modules(model, config)
     step_times, capture_times = [], []
     for round_ in range(4):  # the first of each is a warm-up, not counted
         step_times.append(step(model, optimizer, pico_loss, tokens, device))
         start = time.perf_counter()
-        train.learning_dynamics(model, tokens, val, modules, config, device, autocast)
+        checkpoint.learning_dynamics(model, tokens, val, config.checkpointing.learning_dynamics, device,
+                                     autocast)
         capture_times.append(time.perf_counter() - start)
     step_s, capture_s = statistics.median(step_times[1:]), statistics.median(capture_times[1:])
     print(f"\nMachine: {machine(device)}. pico-decoder-{name}, global batch {batch_size} x {seq_len} "

@@ -16,6 +16,7 @@ leaves `latest` pointing at a complete checkpoint; a half-written one is a stray
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -360,49 +361,63 @@ def read_pico_train(directory: Path, cfg: dict) -> tuple[ModelConfig, dict]:
 
 def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] | None) -> dict:
     """{"layers.{i}.{name}": module} of the linear layers whose names end in one of the suffixes,
-    in every layer of `layers` (None: all), in layer order."""
-    wanted = set(range(model.config.n_layers) if layers is None else layers)
-    found = {}
-    for name, module in model.named_modules():
-        parts = name.split(".", 2)
-        if (len(parts) == 3 and parts[0] == "layers" and int(parts[1]) in wanted
-                and isinstance(module, torch.nn.Linear) and any(name.endswith(s) for s in suffixes)):
-            found[name] = module
+    in every layer of `layers` (None: all), in layer order. A suffix that matches no module is an
+    error naming the valid ones (a model on the meta device finds it before anything is spent)."""
+    linears = {name: module for name, module in model.named_modules()
+               if name.startswith("layers.") and isinstance(module, torch.nn.Linear)}
+    found = {name: module for name, module in linears.items()
+             if (layers is None or int(name.split(".")[1]) in layers) and name.endswith(tuple(suffixes))}
+    for suffix in suffixes:
+        if not any(name.endswith(suffix) for name in found):
+            valid = sorted({name.split(".", 2)[2] for name in linears})
+            raise CheckpointError(f"checkpointing.learning_dynamics.layer_suffixes: {suffix!r} matches no "
+                                  f"module; expected some of {', '.join(valid)}")
     return found
 
 
-def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, sequence_idx: int,
-                              batch_size: int, device: torch.device, autocast,
-                              total_tokens: int | None = None) -> dict:
-    """Activations, weights and gradients of `modules` on `rows` (token-id rows, data order).
+def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, autocast) -> dict:
+    """The captures of one checkpoint: {"train"/"val": {"activations"/"weights"/"gradients":
+    {module name: float32 CPU tensor}}} of capture_modules' modules. train: on the global batch
+    the checkpoint's last step trained on (if ld.capture_train); val: on the fixed evaluation rows
+    (unless val_rows is None). ld: the checkpointing.learning_dynamics config section.
 
-    activations: each module's output at position sequence_idx of each row's input (row[:-1];
-    -1 is a row's last token), one row per sample. gradients: of the mean next-token loss over
-    every token of every row, so sub-batches of batch_size change nothing but memory. They come
-    from torch.autograd.grad, which leaves the training run's .grad untouched; nothing here draws
-    a random number. float32 on the CPU, keyed by module name.
+    activations: each module's output at position ld.sequence_idx of each row's input (-1: its
+    last token), one row per sample, in data order. gradients: of the mean next-token loss over
+    every token of every row, so sub-batches of ld.batch_size change nothing but memory; by
+    torch.autograd.grad, which leaves the training run's .grad untouched. Nothing here draws a
+    random number. Under torch.distributed each rank captures its own rows (train_batch is its
+    part of the global batch, val_rows all of them) and every rank returns the gathered whole."""
+    modules = capture_modules(model, ld.layer_suffixes, ld.layers)
+    world_size, rank = world()
+    splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
+    if ld.capture_train:
+        mine = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
+        splits["train"] = (mine, [len(mine)] * world_size, len(mine) * world_size * (len(mine[0]) - 1))
+    if val_rows is not None:
+        blocks = [data.rank_slice(len(val_rows), world_size, r) for r in range(world_size)]
+        splits["val"] = (val_rows[blocks[rank]], [b.stop - b.start for b in blocks],
+                         sum(len(row) - 1 for row in val_rows))
+    return {split: _capture(model, rows, counts, total_tokens, modules, ld, device, autocast)
+            for split, (rows, counts, total_tokens) in splits.items()}
 
-    total_tokens: the tokens of all the rows captured, when `rows` are one rank's part of them; the
-    ranks' gradients then sum to the gradient of the mean over all.
-    """
+
+def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: int, modules: dict, ld,
+             device, autocast) -> dict:
+    """One split's captures: each rank's of its own `rows`, made whole. counts: every rank's number
+    of rows; total_tokens: of all of them, so that the ranks' gradients sum to that of the mean."""
     weights = [module.weight for module in modules.values()]
-    if total_tokens is None:
-        total_tokens = sum(len(row) - 1 for row in rows)
     gradients = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     activations = {name: [] for name in modules}
     positions = None  # of the current sub-batch, for the hooks
 
-    def hook_for(name):
-        def hook(module, inputs, output):
-            activations[name].append(output[torch.arange(len(positions)), positions].detach().float())
-        return hook
-
-    hooks = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    def hook(name, module, inputs, output):
+        activations[name].append(output[torch.arange(len(positions)), positions].detach().float())
+    hooks = [module.register_forward_hook(functools.partial(hook, name)) for name, module in modules.items()]
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            positions = torch.tensor([sequence_idx % (len(row) - 1) if sequence_idx < 0 else sequence_idx
-                                      for row in chunk], device=device)
+        for start in range(0, len(rows), ld.batch_size):
+            chunk = rows[start:start + ld.batch_size]
+            positions = torch.tensor([ld.sequence_idx % (len(row) - 1) if ld.sequence_idx < 0
+                                      else ld.sequence_idx for row in chunk], device=device)
             inputs, labels = (t.to(device) for t in data.collate(chunk))
             with autocast:
                 _, loss = model(inputs, labels)
@@ -410,10 +425,22 @@ def capture_learning_dynamics(model: PicoDecoder, rows: list, modules: dict, seq
             for g, new in zip(gradients, torch.autograd.grad(loss * (n_tokens / total_tokens), weights)):
                 g += new.float()
     finally:
-        for hook in hooks:
-            hook.remove()
-    return {"activations": {name: torch.cat(parts).cpu() if parts else torch.zeros(0, w.shape[0])
-                            for (name, parts), w in zip(activations.items(), weights)},
+        for handle in hooks:
+            handle.remove()
+    outputs = [torch.cat(parts) if parts else torch.zeros(0, w.shape[0], device=device)
+               for parts, w in zip(activations.values(), weights)]
+    if world()[0] > 1:
+        # Made whole: gradients summed (each rank's is its rows' share of the mean), activations
+        # concatenated in rank order, which is data order (rank r holds the r-th block of rows).
+        for g in gradients:
+            dist.all_reduce(g)
+        for i, mine in enumerate(outputs):
+            padded = mine.new_zeros(max(counts), mine.shape[1])  # all_gather: equal sizes
+            padded[:len(mine)] = mine
+            parts = [torch.empty_like(padded) for _ in counts]
+            dist.all_gather(parts, padded)
+            outputs[i] = torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return {"activations": {name: out.cpu() for name, out in zip(modules, outputs)},
             "weights": {name: w.detach().float().cpu().clone() for name, w in zip(modules, weights)},
             "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
 
@@ -470,6 +497,15 @@ def is_writer() -> bool:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
+    if world()[0] == 1:
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return bool(votes.item())
 
 
 @contextlib.contextmanager

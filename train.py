@@ -572,15 +572,6 @@ def gradient_sync(wrapper, sync: bool):
     return contextlib.nullcontext()
 
 
-def any_rank(flag: bool, group) -> bool:
-    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
-    if checkpoint.world()[0] == 1:
-        return flag
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return bool(votes.item())
-
-
 def gather_whole_model(model: PicoDecoder, config: ModelConfig, device: torch.device) -> PicoDecoder:
     """FSDP: an unsharded copy of the model on every rank (a collective), for what needs whole
     weights: the Hugging Face export, evaluation, and captures (whose hooks and gradients need
@@ -592,25 +583,6 @@ def gather_whole_model(model: PicoDecoder, config: ModelConfig, device: torch.de
     whole.to_empty(device=device).load_state_dict(state)
     whole.rope_cos, whole.rope_sin = (t.to(device) for t in rope_tables(config))  # not in state
     return whole
-
-
-def gather_captures(captures: dict, counts: list[int], device: torch.device) -> dict:
-    """One rank's captures (checkpoint.capture_learning_dynamics) made whole: gradients summed
-    over the ranks (each is its rows' share of the mean), activations concatenated in rank
-    order, which is data order (rank r holds the r-th contiguous block of rows)."""
-    if checkpoint.world()[0] == 1:
-        return captures
-    for name, gradient in captures["gradients"].items():
-        gradient = gradient.to(device)
-        dist.all_reduce(gradient)
-        captures["gradients"][name] = gradient.cpu()
-    for name, rows in captures["activations"].items():
-        padded = rows.new_zeros(max(counts), rows.shape[1], device=device)  # all_gather: equal sizes
-        padded[:len(rows)] = rows
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded)
-        captures["activations"][name] = torch.cat([part[:n] for part, n in zip(parts, counts)]).cpu()
-    return captures
 
 
 def lr_lambda(config: Config):
@@ -797,39 +769,6 @@ def is_checkpoint_step(step: int, config: Config) -> bool:
     return step % ckpt.save_every_n_steps == 0 or step == config.training.max_steps or early
 
 
-def capture_modules(model: PicoDecoder, config: Config) -> dict:
-    """The modules whose learning dynamics are captured; a suffix that matches none is an error."""
-    ld = config.checkpointing.learning_dynamics
-    modules = checkpoint.capture_modules(model, ld.layer_suffixes, ld.layers)
-    valid = sorted(name.split(".", 2)[2] for name in checkpoint.capture_modules(model, [""], [0]))
-    for suffix in ld.layer_suffixes:
-        if not any(name.endswith(suffix) for name in modules):
-            raise ConfigError(f"checkpointing.learning_dynamics.layer_suffixes: {suffix!r} matches no "
-                              f"module; expected some of {', '.join(valid)}")
-    return modules
-
-
-def learning_dynamics(model, train_batch, val_rows, modules, config: Config, device, autocast) -> dict:
-    """The captures of one checkpoint: on the global batch its last step trained on, and on the
-    fixed evaluation rows. Under torch.distributed each rank captures its own rows (train_batch
-    is this rank's part of the global batch, val_rows all of them) and the results are
-    gathered, so every rank returns those of one process."""
-    ld = config.checkpointing.learning_dynamics
-    world_size, rank = checkpoint.world()
-    splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
-    if ld.capture_train:
-        mine = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
-        splits["train"] = (mine, [len(mine)] * world_size, len(mine) * world_size * (len(mine[0]) - 1))
-    if val_rows is not None:
-        blocks = [data.rank_slice(len(val_rows), world_size, r) for r in range(world_size)]
-        splits["val"] = (val_rows[blocks[rank]], [b.stop - b.start for b in blocks],
-                         sum(len(row) - 1 for row in val_rows))
-    return {split: gather_captures(checkpoint.capture_learning_dynamics(
-                model, rows, modules, ld.sequence_idx, ld.batch_size, device, autocast, total_tokens),
-                counts, device)
-            for split, (rows, counts, total_tokens) in splits.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -904,7 +843,8 @@ def main(argv: list[str]) -> int:
                               f"{ld.eval_data} has rows of only {shortest} input tokens")
 
     with torch.device("meta"):  # module names only: no memory, no weights
-        capture_modules(PicoDecoder(config.model), config)  # a suffix that matches none stops here
+        # a suffix that matches none stops here
+        checkpoint.capture_modules(PicoDecoder(config.model), ld.layer_suffixes, ld.layers)
 
     # Several processes: join the others. Every rank has read and checked the same config, data
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
@@ -982,8 +922,7 @@ def main(argv: list[str]) -> int:
         nonlocal last_saved
         if done == last_saved:
             return
-        captures = learning_dynamics(whole, train_batch, ld_rows, capture_modules(whole, config),
-                                     config, device, autocast)
+        captures = checkpoint.learning_dynamics(whole, train_batch, ld_rows, ld, device, autocast)
         path = checkpoint.save_checkpoint(checkpoints_dir, done, model, optimizer, scheduler,
                                           data_position=done * global_batch,
                                           model_state=whole.state_dict(), learning_dynamics=captures)
@@ -1063,7 +1002,7 @@ def main(argv: list[str]) -> int:
 
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
-            stopping = any_rank(stop.received is not None, flags_group)
+            stopping = checkpoint.any_rank(stop.received is not None, flags_group)
             if is_checkpoint_step(done, config) or stopping:
                 paused = time.perf_counter()
                 whole = whole_model()

@@ -1,6 +1,8 @@
 """Learning-dynamics captures in every checkpoint, read the way pico-analyze reads them."""
 
+import contextlib
 import os
+import types
 
 import numpy as np
 import pytest
@@ -9,7 +11,6 @@ import yaml
 
 import checkpoint
 import data
-import train
 from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
 from test_train import TINY, losses, optimizer_state, run
@@ -94,14 +95,21 @@ def test_step_0_is_the_initialisation_captured_on_the_first_batch(captured_run):
                                expected, rtol=1e-4, atol=1e-5)
 
 
+def section(**fields) -> types.SimpleNamespace:
+    """A checkpointing.learning_dynamics config section: the defaults, no train captures."""
+    defaults = dict(layer_suffixes=SUFFIXES, layers=None, sequence_idx=-1, batch_size=8, capture_train=False)
+    return types.SimpleNamespace(**{**defaults, **fields})
+
+
 def test_the_sub_batch_size_does_not_change_the_captures():
     torch.manual_seed(0)
     model = PicoDecoder(ModelConfig(d_model=32, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
                                     activation_hidden_dim=64, vocab_size=64, max_seq_len=32))
     rows = [np.random.default_rng(i).integers(0, 64, n) for i, n in enumerate([33, 5, 20, 33, 12])]
     modules = checkpoint.capture_modules(model, SUFFIXES, None)
-    cpu, plain = torch.device("cpu"), train.contextlib.nullcontext()
-    one, all_at_once = (checkpoint.capture_learning_dynamics(model, rows, modules, -1, size, cpu, plain)
+    cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+    one, all_at_once = (checkpoint.learning_dynamics(model, None, rows, section(batch_size=size), cpu,
+                                                     plain)["val"]
                         for size in (1, 5))
     for kind in ("activations", "gradients"):
         for key in modules:
