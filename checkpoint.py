@@ -5,8 +5,9 @@ A checkpoint is a directory, checkpoints/step_N/, holding:
                                    custom code, and resume reads the weights back from it
   optimizer/                       AdamW's state by parameter name, in torch.distributed.checkpoint's
                                    format: one file per rank that saved it, readable at any
-                                   world size, by one process, DDP or FSDP
+                                   world size, by one process, DDP or FSDP; resume needs it
   training_state.pt                step, data position, scheduler and every RNG state
+  learning_dynamics/               {train,val}_{activations,weights,gradients}.pt for pico-analyze
   checkpoint.json                  the manifest, written last: each file's size
 
 It is written to a hidden temporary directory and renamed into place, and only then does the
@@ -14,7 +15,6 @@ It is written to a hidden temporary directory and renamed into place, and only t
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -37,94 +37,112 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 import data
 from model import ModelConfig, PicoDecoder
 
-MANIFEST = "checkpoint.json"
+MANIFEST = "checkpoint.json"  # in each checkpoint: its files and their sizes, written last
+UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The Hugging Face Llama format
-# ---------------------------------------------------------------------------------------------
+def _describe(e: Exception) -> str:
+    """An error's kind and the first line of its message: one line for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
+
+
+# Ranks: one process is rank 0 of a world of 1 ------------------------------------------------
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def is_writer() -> bool:
+    """Rank 0 writes every shared file; a single process is rank 0."""
+    return world()[1] == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
+    if world()[0] == 1:
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return bool(votes.item())
+
+
+# The Hugging Face Llama format ---------------------------------------------------------------
 
 def _hf_names(n_layers: int) -> dict[str, str]:
     """Our parameter name -> transformers' LlamaForCausalLM name."""
-    names = {"embedding_proj.weight": "model.embed_tokens.weight",
-             "output_norm.weight": "model.norm.weight",
-             "de_embedding_proj.weight": "lm_head.weight"}
     per_layer = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm",
                  "attention.q_proj": "self_attn.q_proj", "attention.k_proj": "self_attn.k_proj",
                  "attention.v_proj": "self_attn.v_proj", "attention.o_proj": "self_attn.o_proj",
-                 "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj",
-                 "swiglu.w_2": "mlp.down_proj"}
-    for i in range(n_layers):
-        for ours, theirs in per_layer.items():
-            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return names
+                 "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj", "swiglu.w_2": "mlp.down_proj"}
+    return {"embedding_proj.weight": "model.embed_tokens.weight",
+            "output_norm.weight": "model.norm.weight",
+            "de_embedding_proj.weight": "lm_head.weight",
+            **{f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+               for i in range(n_layers) for ours, theirs in per_layer.items()}}
 
 
-def _interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder the rows of each head of q_proj/k_proj from RoPE on interleaved pairs (ours,
-    pico-train's, Meta's) to RoPE on halves (transformers'): rows 0,2,4,... then 1,3,5,..."""
-    out_features, in_features = w.shape
-    return w.view(n_heads, out_features // n_heads // 2, 2, in_features).transpose(1, 2).reshape(
-        out_features, in_features)
+def _reorder_rope_rows(state: dict[str, torch.Tensor], config: ModelConfig, to_halves: bool) -> dict:
+    """Reorder, in place, the rows of each head of q_proj and k_proj (keyed by our names) from RoPE
+    on interleaved pairs (ours, pico-train's, Meta's) to RoPE on halves (transformers'): rows
+    0,2,4,... then 1,3,5,...; or back, to_halves=False."""
+    heads = {"q_proj": config.attention_n_heads, "k_proj": config.attention_n_kv_heads}
+    for name, w in state.items():
+        n_heads = heads.get(name.split(".")[-2])
+        if n_heads:  # a head's rows viewed as [pair, 0 or 1] (interleaved) or [0 or 1, pair] (halves)
+            pairs = (-1, 2) if to_halves else (2, -1)
+            state[name] = w.view(n_heads, *pairs, w.shape[1]).transpose(1, 2).reshape(w.shape)
+    return state
 
 
-def _halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    out_features, in_features = w.shape
-    return w.view(n_heads, 2, out_features // n_heads // 2, in_features).transpose(1, 2).reshape(
-        out_features, in_features)
+# A Llama config.json's field for each of ours (pico-train's uses ours); head_dim is only checked.
+HF_FIELDS = {"d_model": "hidden_size", "activation_hidden_dim": "intermediate_size",
+             "n_layers": "num_hidden_layers", "attention_n_heads": "num_attention_heads",
+             "attention_n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings",
+             "norm_eps": "rms_norm_eps", "position_emb_theta": "rope_theta"}
 
 
 def hf_config(config: ModelConfig) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": config.d_model,
-        "intermediate_size": config.activation_hidden_dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.attention_n_heads,
-        "num_key_value_heads": config.attention_n_kv_heads,
-        "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.position_emb_theta,  # transformers 4.x reads this ...
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.position_emb_theta},  # ... 5.x this
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        # No tokenizer is implied: without these, transformers would assume Llama's ids 1 and 2.
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "torch_dtype": "float32",
-    }
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **{theirs: getattr(config, ours) for ours, theirs in HF_FIELDS.items()},
+            # transformers 4.x reads rope_theta (above), 5.x rope_parameters
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.position_emb_theta},
+            "rope_scaling": None,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            # No tokenizer is implied: without these, transformers would assume Llama's ids 1 and 2.
+            "bos_token_id": None, "eos_token_id": None,
+            "torch_dtype": "float32"}
 
 
 def to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
-    for ours, theirs in _hf_names(config.n_layers).items():
-        w = state[ours].detach().to("cpu", torch.float32)
-        if ours.endswith("q_proj.weight"):
-            w = _interleaved_to_halves(w, config.attention_n_heads)
-        elif ours.endswith("k_proj.weight"):
-            w = _interleaved_to_halves(w, config.attention_n_kv_heads)
-        out[theirs] = w.contiguous()
-    return out
+    names = _hf_names(config.n_layers)
+    ours = {name: state[name].detach().to("cpu", torch.float32) for name in names}
+    return {names[name]: w.contiguous() for name, w in _reorder_rope_rows(ours, config, True).items()}
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
+    (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+    save_file(to_hf_state(state, config), directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def read_safetensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path], Path]:
-    """Every tensor of a checkpoint: model.safetensors, or the shards model.safetensors.index.json
-    maps them to (save_pretrained splits a big model so). Also the file each tensor is in (or is
-    listed in), and the file to name for a tensor that is nowhere."""
+def _read_weights(directory: Path, config: ModelConfig, names: dict[str, str], ignored=()) -> dict:
+    """Our state dict from a checkpoint's safetensors weights, names[ours] being each weight's name
+    there: model.safetensors, or the shards model.safetensors.index.json maps them to
+    (save_pretrained splits a big model so). Every weight must be there with the shape the config
+    gives it, and no other parameter may be (a weight or bias the decoder would drop computes
+    something else); buffers, such as the rotary inv_freq of older Llama checkpoints, are derived
+    and skipped. Each problem names the tensor and its file (or the index that lists it)."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     origin: dict[str, Path] = {}
     if single.is_file():
@@ -134,7 +152,7 @@ def read_safetensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
             weight_map = json.loads(index.read_text())["weight_map"]
             origin = {name: directory / file for name, file in weight_map.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: cannot be read ({e.__class__.__name__}: {e}); expected "
+            raise CheckpointError(f"{index}: cannot be read ({_describe(e)}); expected "
                                   f"a weight_map of tensor name -> file") from None
         files, listing = sorted(set(origin.values())), index
     else:
@@ -145,19 +163,10 @@ def read_safetensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             part = load_file(path)
         except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot be read ({_describe(e)})") from None
         tensors.update(part)
         for name in part:
             origin.setdefault(name, path)
-    return tensors, origin, listing
-
-
-def _take_weights(tensors: dict[str, torch.Tensor], names: dict[str, str], config: ModelConfig,
-                  origin: dict[str, Path], listing: Path, ignored=()) -> dict[str, torch.Tensor]:
-    """Our state dict, names[ours] being each weight's name in the checkpoint. Every weight must be
-    there with the shape the config gives it, and no other parameter may be (a weight or bias the
-    decoder would drop computes something else); buffers, such as the rotary inv_freq of older
-    Llama checkpoints, are derived and skipped. Each problem names the tensor and its file."""
     with torch.device("meta"):  # shapes only, no memory
         shapes = {k: v.shape for k, v in PicoDecoder(config).state_dict().items()}
     state = {}
@@ -177,81 +186,63 @@ def _take_weights(tensors: dict[str, torch.Tensor], names: dict[str, str], confi
     return state
 
 
-def from_hf_state(tensors: dict[str, torch.Tensor], config: ModelConfig, origin: dict[str, Path],
-                  listing: Path, tied: bool = False) -> dict[str, torch.Tensor]:
-    """Our state dict from a Llama checkpoint's tensors, q/k rows permuted back to interleaved
-    RoPE. tied (tie_word_embeddings): the output projection is the input embedding, and there is
-    often no lm_head tensor at all. The embedding is copied into de_embedding_proj: untied weights
-    that start equal compute exactly what the tied model does (training then unties them)."""
+def load_hf_weights(directory: Path, config: ModelConfig, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict from a Llama checkpoint, q/k rows permuted back to interleaved RoPE. tied
+    (tie_word_embeddings): the output projection is the input embedding, and there is often no
+    lm_head tensor at all. The embedding is copied into de_embedding_proj: untied weights that
+    start equal compute exactly what the tied model does (training then unties them)."""
     names = _hf_names(config.n_layers)
     if tied:
         names["de_embedding_proj.weight"] = "model.embed_tokens.weight"
-    state = _take_weights(tensors, names, config, origin, listing,
-                          ignored=["lm_head.weight"] if tied else [])
-    for ours, w in state.items():
-        if ours.endswith("q_proj.weight"):
-            state[ours] = _halves_to_interleaved(w, config.attention_n_heads)
-        elif ours.endswith("k_proj.weight"):
-            state[ours] = _halves_to_interleaved(w, config.attention_n_kv_heads)
-    return state
+    state = _read_weights(directory, config, names, ignored=["lm_head.weight"] if tied else [])
+    return _reorder_rope_rows(state, config, to_halves=False)
 
 
-# The config.json field of a Llama checkpoint that sets each ModelConfig field.
-HF_FIELDS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers",
-             "attention_n_heads": "num_attention_heads", "attention_n_kv_heads": "num_key_value_heads",
-             "activation_hidden_dim": "intermediate_size", "vocab_size": "vocab_size",
-             "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
-             "position_emb_theta": "rope_theta"}
-
-
-def _config_value(cfg: dict, key: str, kind: type, source: str):
-    """cfg[key], an int (kind int) or a number (kind float), else an error naming the field."""
-    if key not in cfg:
-        raise CheckpointError(f"{source}: field {key} is missing")
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
-        raise CheckpointError(f"{source}: {key}={json.dumps(value)}: expected "
-                              f"{'an integer' if kind is int else 'a number'}")
-    return kind(value)
-
-
-def _config_from_fields(cfg: dict, fields: dict[str, str], source: str) -> ModelConfig:
-    """ModelConfig from the config.json fields named fields[ours]; an impossible shape (heads
-    that do not divide d_model, ...) is refused naming the checkpoint's own fields."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(ModelConfig)}  # slots: no class defaults
-    config = ModelConfig(**{ours: _config_value(cfg, theirs, kinds[ours], source)
-                            for ours, theirs in fields.items()})
-    for problem in config.problems()[:1]:
-        raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
-                                                     problem))
-    return config
-
-
-def model_config_from_hf(cfg: dict, source: str) -> ModelConfig:
-    """The decoder's shape from a Llama config.json. A Llama the decoder cannot express is refused
-    naming the field: biases, another activation, scaled RoPE, a head_dim of its own."""
-    if cfg.get("model_type") != "llama":
+def _model_config(cfg: dict, source: str) -> ModelConfig:
+    """The decoder's shape from a checkpoint's config.json, pico-train's (model_type pico_decoder,
+    our field names) or a Llama's (HF_FIELDS): each field an integer or a number as ours is. A shape
+    the decoder cannot have is refused naming the checkpoint's field: heads that do not divide
+    d_model, ...; in a Llama also biases, another activation, scaled RoPE, a head_dim of its own."""
+    llama = cfg.get("model_type") == "llama"
+    if not llama and cfg.get("model_type") != "pico_decoder":
         raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, expected 'llama' "
                               f"(the export this trainer writes) or 'pico_decoder' (pico-train's)")
     rope = cfg.get("rope_parameters") or {}  # transformers 5.x writes rope_theta here, 4.x on top
-    if not isinstance(rope, dict):
+    if llama and not isinstance(rope, dict):
         raise CheckpointError(f"{source}: rope_parameters={json.dumps(rope)}: expected an object")
-    # Absent or null: transformers' defaults (multi-head attention; theta 10000).
-    cfg = {**cfg, "rope_theta": cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
-           "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")}
-    config = _config_from_fields(cfg, HF_FIELDS, source)
-    scaling = cfg.get("rope_scaling")
+    if llama:  # absent or null: transformers' defaults (multi-head attention; theta 10000)
+        cfg = {**cfg, "rope_theta": cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+               "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")}
+    elif cfg.get("attention_n_kv_heads", 0) is None:  # pico-train's null: one KV head per head
+        cfg = {**cfg, "attention_n_kv_heads": cfg.get("attention_n_heads")}
+    fields = HF_FIELDS if llama else {}
+    values = {}
+    for field in dataclasses.fields(ModelConfig):
+        key, kind = fields.get(field.name, field.name), type(field.default)
+        if key not in cfg:
+            raise CheckpointError(f"{source}: field {key} is missing")
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise CheckpointError(f"{source}: {key}={json.dumps(value)}: expected "
+                                  f"{'an integer' if kind is int else 'a number'}")
+        values[field.name] = kind(value)
+    config = ModelConfig(**values)
+    problems = config.problems()
+    if problems:
+        raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
+                                                     problems[0]))
+    if not llama:
+        return config
+    no_bias, unscaled = "false (the decoder has no biases)", "(the decoder's RoPE is unscaled)"
     for key, value, ok, expected in [
         ("hidden_act", cfg.get("hidden_act", "silu"), lambda v: v in ("silu", "swish"),
          '"silu" (the SwiGLU gate)'),
-        ("attention_bias", cfg.get("attention_bias", False), lambda v: v is False,
-         "false (the decoder has no biases)"),
-        ("mlp_bias", cfg.get("mlp_bias", False), lambda v: v is False,
-         "false (the decoder has no biases)"),
-        ("rope_scaling", scaling, lambda v: v is None or isinstance(v, dict) and (
-            v.get("rope_type") or v.get("type")) == "default", "null (the decoder's RoPE is unscaled)"),
+        ("attention_bias", cfg.get("attention_bias", False), lambda v: v is False, no_bias),
+        ("mlp_bias", cfg.get("mlp_bias", False), lambda v: v is False, no_bias),
+        ("rope_scaling", cfg.get("rope_scaling"), lambda v: v is None or isinstance(v, dict) and (
+            v.get("rope_type") or v.get("type")) == "default", "null " + unscaled),
         ("rope_parameters.rope_type", rope.get("rope_type", "default"), lambda v: v == "default",
-         '"default" (the decoder\'s RoPE is unscaled)'),
+         '"default" ' + unscaled),
         ("head_dim", cfg.get("head_dim"), lambda v: v in (None, config.head_dim),
          f"hidden_size / num_attention_heads = {config.head_dim}"),
         ("tie_word_embeddings", cfg.get("tie_word_embeddings", False),
@@ -263,23 +254,6 @@ def model_config_from_hf(cfg: dict, source: str) -> ModelConfig:
     return config
 
 
-def model_config_from_pico_train(cfg: dict, source: str) -> ModelConfig:
-    """pico-train's config.json: every field of its ModelConfig, under our names."""
-    if "attention_n_kv_heads" in cfg and cfg["attention_n_kv_heads"] is None:
-        cfg = {**cfg, "attention_n_kv_heads": cfg.get("attention_n_heads")}  # one KV head per head
-    return _config_from_fields(cfg, {f.name: f.name for f in dataclasses.fields(ModelConfig)}, source)
-
-
-def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
-    (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    save_file(to_hf_state(state, config), directory / "model.safetensors", metadata={"format": "pt"})
-
-
-def load_hf_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    tensors, origin, listing = read_safetensors(directory)
-    return from_hf_state(tensors, config, origin, listing)
-
-
 def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[Path, str]:
     """The local directory of a checkpoint, and its name for messages: path_or_repo_id itself, or
     a snapshot of a Hub model repo ("namespace/name", a revision given as "@revision" or as
@@ -289,7 +263,6 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
         return Path(path_or_repo_id), path_or_repo_id
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-
     repo_id = path_or_repo_id
     if revision is None and "@" in repo_id:
         repo_id, revision = repo_id.rsplit("@", 1)
@@ -300,19 +273,16 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
             # the top level only: a repo may hold other files (pico-train's training state, ...)
             allow_patterns=["config.json", "model.safetensors.index.json", "model*.safetensors"])), name
     except HFValidationError:
-        message = (f"{path_or_repo_id}: no such directory, and not a Hub model repo id "
-                   f"(namespace/name, optionally @revision)")
+        message = "no such directory, and not a Hub model repo id (namespace/name, optionally @revision)"
     except RepositoryNotFoundError:
-        message = (f"{path_or_repo_id}: no local directory of that name, and no model repo {repo_id} "
-                   f"on {constants.ENDPOINT} (a private or gated repo needs a token: set HF_TOKEN "
-                   f"or run `hf auth login`)")
+        message = (f"no local directory of that name, and no model repo {repo_id} on {constants.ENDPOINT} "
+                   f"(a private or gated repo needs a token: set HF_TOKEN or run `hf auth login`)")
     except RevisionNotFoundError:
-        message = (f"{path_or_repo_id}: model repo {repo_id} on {constants.ENDPOINT} has no "
-                   f"revision {revision!r}")
+        message = f"model repo {repo_id} on {constants.ENDPOINT} has no revision {revision!r}"
     except OSError as e:  # huggingface_hub's HTTP, offline and not-in-cache errors among them
-        message = (f"{path_or_repo_id}: no local directory of that name, and could not download "
-                   f"model repo {name} ({data.hub_failure(e)})")
-    raise CheckpointError(data.without_token(message))
+        message = (f"no local directory of that name, and could not download model repo {name} "
+                   f"({data.hub_failure(e)})")
+    raise CheckpointError(data.without_token(f"{path_or_repo_id}: {message}"))
 
 
 def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[ModelConfig, dict, str]:
@@ -326,17 +296,15 @@ def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({e})") from None
+        raise CheckpointError(f"{cfg_path}: cannot be read ({_describe(e)})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object of config fields")
-    if cfg.get("model_type") == "pico_decoder":
-        config, state = read_pico_train(directory, cfg)
-    else:
-        config = model_config_from_hf(cfg, str(cfg_path))
-        tensors, origin, listing = read_safetensors(directory)
-        state = from_hf_state(tensors, config, origin, listing,
-                              tied=cfg.get("tie_word_embeddings", False))
-    return config, state, name
+    config = _model_config(cfg, str(cfg_path))
+    if cfg["model_type"] == "llama":
+        return config, load_hf_weights(directory, config, tied=cfg.get("tie_word_embeddings", False)), name
+    # pico-train's format: weights under "pico_decoder." + our names, RoPE interleaved as ours
+    names = {ours: "pico_decoder." + ours for ours in _hf_names(config.n_layers)}
+    return config, _read_weights(directory, config, names), name
 
 
 def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDecoder:
@@ -346,18 +314,7 @@ def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDe
     return model
 
 
-def read_pico_train(directory: Path, cfg: dict) -> tuple[ModelConfig, dict]:
-    """pico-train's published format: its ModelConfig's fields in config.json, weights under
-    "pico_decoder." + our module names, RoPE already interleaved (no permutation)."""
-    config = model_config_from_pico_train(cfg, str(directory / "config.json"))
-    names = {ours: "pico_decoder." + ours for ours in _hf_names(config.n_layers)}
-    tensors, origin, listing = read_safetensors(directory)
-    return config, _take_weights(tensors, names, config, origin, listing)
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning-dynamics captures: what pico-analyze reads from checkpoints/step_N/learning_dynamics/
-# ---------------------------------------------------------------------------------------------
+# Learning-dynamics captures: what pico-analyze reads from checkpoints/step_N/learning_dynamics/ ---
 
 def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] | None) -> dict:
     """{"layers.{i}.{name}": module} of the linear layers whose names end in one of the suffixes,
@@ -445,38 +402,18 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
             "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
 
 
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    # Plain tensors and tuples only, so torch.load(weights_only=True) reads it back.
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict):
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+# Training checkpoints ------------------------------------------------------------------------
 
 def write_text_atomically(path: Path, text: str):
     """A small file replaced whole or not at all: a crash leaves the old one or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path):
+def _fsync(path: Path):
+    """Flush a file, or a directory's entries (what makes a rename durable), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -484,44 +421,13 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def world() -> tuple[int, int]:
-    """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def is_writer() -> bool:
-    """Rank 0 writes every shared file; a single process is rank 0."""
-    return world()[1] == 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def any_rank(flag: bool, group) -> bool:
-    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
-    if world()[0] == 1:
-        return flag
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return bool(votes.item())
-
-
-@contextlib.contextmanager
-def _quiet_in_one_process():
-    """torch.distributed.checkpoint warns that it is "assuming the intent is to save (load) in a
-    single process" whenever there is no process group: that is this trainer's normal case."""
+def _dcp(call, optimizer_state: dict, path: Path):
+    """dcp.save or dcp.load of the optimizer state, without torch.distributed.checkpoint's warning
+    that it is "assuming the intent is to save (load) in a single process" whenever there is no
+    process group: that is this trainer's normal case."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        yield
-
-
-def optimizer_state_dict(model: PicoDecoder, optimizer) -> dict:
-    """AdamW's state keyed by parameter name (not position), as torch.distributed.checkpoint's
-    helpers lay it out: whole tensors for one process or DDP, each rank's shards under FSDP. Keys
-    by name are what let a checkpoint load at another world size or under the other strategy."""
-    return get_optimizer_state_dict(model, optimizer)
+        call({"optimizer": optimizer_state}, checkpoint_id=path)
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
@@ -531,56 +437,52 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
 
     Under torch.distributed every rank calls it: each writes its part of optimizer/ (sharded by
     torch.distributed.checkpoint; under DDP the replicated tensors are written once), and rank 0
-    writes everything else. model_state: the whole weights (the FSDP gather) if not
-    model.state_dict(); only rank 0 reads it. learning_dynamics: {"train"/"val":
-    capture_learning_dynamics(...)}, written as learning_dynamics/{split}_{kind}.pt."""
+    writes everything else. The optimizer state is keyed by parameter name, not position, so it
+    loads at another world size or under the other strategy. model_state: the whole weights (the
+    FSDP gather) if not model.state_dict(); only rank 0 reads it. learning_dynamics: what
+    learning_dynamics() returned, written as learning_dynamics/{split}_{kind}.pt."""
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
     if is_writer():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a run killed while writing it
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         (tmp / "optimizer").mkdir(parents=True)
     barrier()  # the directory exists before any rank writes into it
-    with _quiet_in_one_process():
-        dcp.save({"optimizer": optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+    _dcp(dcp.save, get_optimizer_state_dict(model, optimizer), tmp / "optimizer")
     barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
     if is_writer():
         export_hf(model.state_dict() if model_state is None else model_state, model.config, tmp)
+        np_state = np.random.get_state()  # as plain tensors and tuples: torch.load(weights_only=True)
+        rng = {"python": random.getstate(),
+               "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+               "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "training_state.pt")
+                    "rng": rng}, tmp / "training_state.pt")
         for split, states in (learning_dynamics or {}).items():
             (tmp / "learning_dynamics").mkdir(exist_ok=True)
             for kind, tensors in states.items():
                 torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
-        _seal(tmp, step)
-        if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
-            old = checkpoints_dir / f".step_{step}.old"
+        # fsync every file and directory, then write the manifest that makes the checkpoint complete
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for path in sorted(tmp.rglob("*")):
+            _fsync(path)
+        write_text_atomically(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        _fsync(tmp)
+        # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
+        old = checkpoints_dir / f".step_{step}.old"
+        if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         link_tmp = checkpoints_dir / "latest.tmp"
-        if link_tmp.is_symlink() or link_tmp.exists():
-            link_tmp.unlink()
+        link_tmp.unlink(missing_ok=True)
         link_tmp.symlink_to(final.name)
         os.replace(link_tmp, checkpoints_dir / "latest")
-        _fsync_dir(checkpoints_dir)
+        _fsync(checkpoints_dir)
     barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     return final
-
-
-def _seal(directory: Path, step: int):
-    """fsync every file, then write the manifest that makes the checkpoint complete."""
-    files = {p.relative_to(directory).as_posix(): p.stat().st_size
-             for p in sorted(directory.rglob("*")) if p.is_file()}
-    for name in files:
-        with open(directory / name, "rb") as f:
-            os.fsync(f.fileno())
-    write_text_atomically(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
-    for sub in [directory] + [p for p in directory.rglob("*") if p.is_dir()]:
-        _fsync_dir(sub)
 
 
 def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
@@ -590,12 +492,11 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
     steps = sorted((int(p.name[5:]), p) for p in checkpoints_dir.glob("step_*") if p.name[5:].isdigit())
     for _, directory in steps[:-keep]:
         manifest = json.loads((directory / MANIFEST).read_text())
-        kept = {name: size for name, size in manifest["files"].items()
-                if not name.startswith("optimizer/")}
-        if kept == manifest["files"]:
-            continue
-        write_text_atomically(directory / MANIFEST, json.dumps({**manifest, "files": kept}, indent=2) + "\n")
-        shutil.rmtree(directory / "optimizer", ignore_errors=True)
+        kept = {name: size for name, size in manifest["files"].items() if not name.startswith("optimizer/")}
+        if kept != manifest["files"]:
+            write_text_atomically(directory / MANIFEST,
+                                  json.dumps({**manifest, "files": kept}, indent=2) + "\n")
+            shutil.rmtree(directory / "optimizer", ignore_errors=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -611,7 +512,7 @@ def check_complete(directory: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: incomplete checkpoint, manifest unreadable "
-                              f"({e.__class__.__name__}: {e})") from None
+                              f"({_describe(e)})") from None
     for name, size in files.items():
         path = directory / name
         actual = path.stat().st_size if path.exists() else None
@@ -621,20 +522,17 @@ def check_complete(directory: Path) -> dict:
     return manifest
 
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds of errors for a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
 def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
     """Read and check every part of a checkpoint that can be read before the model exists, so a
     damaged or unloadable one is reported (naming the file) without touching the model or the run
     directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer."""
     manifest = check_complete(directory)
-    state = {"model": load_hf_weights(directory, config), **_torch_load(directory / "training_state.pt")}
+    state = {"model": load_hf_weights(directory, config)}
+    path = directory / "training_state.pt"
+    try:
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # torch raises many kinds of errors for a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({_describe(e)})") from None
     if not any(name.startswith("optimizer/") for name in manifest["files"]):
         raise CheckpointError(f"{directory}: holds no optimizer state (checkpointing."
                               f"keep_last_n_optimizer_states dropped it); expected optimizer/")
@@ -645,24 +543,23 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     """Apply a checkpoint read by read_checkpoint to the built model and optimizer. The weights
     were already loaded into the model before it was wrapped for DDP or FSDP; the optimizer state
     is read here, each rank its own part, resharded if the world size changed."""
-    optimizer_state = optimizer_state_dict(model, optimizer)  # the layout to read into
+    optimizer_state = get_optimizer_state_dict(model, optimizer)  # the layout to read into
     try:
-        with _quiet_in_one_process():
-            dcp.load({"optimizer": optimizer_state}, checkpoint_id=directory / "optimizer")
+        _dcp(dcp.load, optimizer_state, directory / "optimizer")
     except Exception as e:  # a damaged shard or a model that does not match
-        raise CheckpointError(f"{directory / 'optimizer'}: cannot be read "
-                              f"({_first_line(e)})") from None
+        raise CheckpointError(f"{directory / 'optimizer'}: cannot be read ({_describe(e)})") from None
     set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Upload to the Hub
-# ---------------------------------------------------------------------------------------------
-
-UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
-
+# Upload to the Hub ---------------------------------------------------------------------------
 
 def read_uploads(run_dir: Path) -> dict[str, list[int]]:
     """run_dir/uploads.json: {"pending": [steps queued, not yet on the Hub], "uploaded": [...]}."""
@@ -673,23 +570,16 @@ def read_uploads(run_dir: Path) -> dict[str, list[int]]:
     except FileNotFoundError:
         return {"pending": [], "uploaded": []}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.__class__.__name__}: {e}); expected "
+        raise CheckpointError(f"{path}: cannot be read ({_describe(e)}); expected "
                               f'{{"pending": [steps], "uploaded": [steps]}}') from None
 
 
 class HubUploader:
     """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id`,
-    as pico-train does, so that pico-analyze's --repo_id/--branch mode finds the steps by these
-    commit titles (it matches r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"):
-
-      config.json, model.safetensors, training_config.yaml  Saving HF Model -- Step N
-      learning_dynamics/train_*.pt     Saving Learning Dynamics Data (train) -- Step N
-      learning_dynamics/val_*.pt       Saving Learning Dynamics Data (val) -- Step N
-      eval_results/step_N.json         Saving Evaluation Results -- Step N
-
-    One commit per kind, none for a kind without files (captures or evaluation off). The optimizer
-    and training state stay local: resume reads the run directory. (pico-train also pushes its
-    Fabric state, under fabric_state/.)
+    as pico-train does: one commit per kind of file, none for a kind without files, under the
+    titles by which pico-analyze's --repo_id/--branch mode finds the steps (_upload lists them).
+    The optimizer and training state stay local: resume reads the run directory. (pico-train also
+    pushes its Fabric state, under fabric_state/.)
 
     One background thread uploads, so a training step never waits for the network. A step is
     recorded as pending in run_dir/uploads.json before it is queued, and as uploaded once all its
@@ -755,11 +645,14 @@ class HubUploader:
                 self.log.info(f"uploaded step {step} to {self.repo_id}@{self.branch} ({n_commits} commits)")
             except Exception as e:  # whatever went wrong, training goes on and the step stays pending
                 if not self.given_up.is_set():  # else close() has said what is left
+                    reason = data.without_token(_describe(e))  # should a server echo the token
                     self.log.warning(f"upload of step {step} to {self.repo_id}@{self.branch} failed "
-                                     f"({self._reason(e)}); it stays pending in "
+                                     f"({reason}); it stays pending in "
                                      f"{self.run_dir / UPLOADS} for the next start")
 
     def _upload(self, step: int) -> int:
+        """The commits of checkpoint `step`; how many. pico-analyze finds a step by its commit
+        titles: it matches r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
         directory = self.run_dir / "checkpoints" / f"step_{step}"
         if not directory.is_dir():
             raise CheckpointError(f"{directory} does not exist")
@@ -774,16 +667,13 @@ class HubUploader:
         results = self.run_dir / "eval_results" / f"step_{step}.json"
         commits[f"Saving Evaluation Results -- Step {step}"] = (
             {f"eval_results/{results.name}": results} if results.exists() else {})
-        made = 0
+        commits = {title: files for title, files in commits.items() if files}  # a kind without files: none
         for title, files in commits.items():
-            if files:
-                self._with_retries(lambda: self._commit(title, files))
-                made += 1
-        return made
+            self._with_retries(lambda: self._commit(title, files))
+        return len(commits)
 
     def _commit(self, title: str, files: dict[str, Path]):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
         api = HfApi()
         if not self.repo_ready:  # once per run, as pico-train's initialize_hf_checkpointing
             # A repo id without a namespace is the user's: the rest of the API needs the full one.
@@ -801,17 +691,9 @@ class HubUploader:
         self.committed.update({op.path_in_repo: op.upload_info.sha256 for op in adds})
 
     def _with_retries(self, call):
-        delay = self.retry_delay
-        for attempt in range(1, self.attempts + 1):
+        for attempt in range(self.attempts):
             try:
                 return call()
             except Exception:
-                if attempt == self.attempts or self.given_up.wait(delay):
+                if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
                     raise
-                delay *= 2
-
-    @staticmethod
-    def _reason(e: Exception) -> str:
-        """One line, without the token even if a server were to echo it."""
-        lines = str(e).strip().splitlines()
-        return data.without_token(f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__)
