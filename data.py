@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from huggingface_hub import HfApi, constants, get_session, get_token, hf_hub_download, hf_hub_url
+from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, silent_tqdm
+from huggingface_hub.utils import silent_tqdm
 
 COLUMN = "input_ids"
 
@@ -66,11 +66,15 @@ def list_shards(directory: Path) -> list[Path]:
     return files
 
 
-def check_schema(name, meta: pq.FileMetaData):
-    """A shard's footer must hold the column `input_ids` of lists of integers."""
+def read_footer(name: str, source) -> pq.FileMetaData:
+    """The Parquet footer (row groups, row counts) of a shard, a local path or a file open on the
+    Hub, checked to hold the column `input_ids` of lists of integers. Errors name it by `name`."""
     try:
+        meta = pq.read_metadata(source)
         schema = meta.schema.to_arrow_schema()
-    except pa.ArrowException as e:
+    except (OSError, pa.ArrowException) as e:
+        if isinstance(e, OSError) and not isinstance(source, (str, os.PathLike)):
+            raise  # the Hub's (the network, offline mode), for HubShards to report
         raise DataError(f"{name}: not a readable Parquet file ({e})") from None
     if COLUMN not in schema.names:
         raise DataError(f"{name}: no column '{COLUMN}' (has {', '.join(schema.names)}); "
@@ -79,6 +83,7 @@ def check_schema(name, meta: pq.FileMetaData):
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
             or pa.types.is_fixed_size_list(kind)) or not pa.types.is_integer(kind.value_type):
         raise DataError(f"{name}: column '{COLUMN}' has type {kind}, expected a list of integers")
+    return meta
 
 
 def check_token_ids(name: str, ids: np.ndarray, vocab_size: int):
@@ -103,11 +108,7 @@ class ParquetShards:
         self.group_starts = []  # per shard: the global position of each row group's first row
         start = 0
         for path, name in zip(files, self.names):
-            try:
-                meta = pq.ParquetFile(path).metadata
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{name}: not a readable Parquet file ({e})") from None
-            check_schema(name, meta)
+            meta = read_footer(name, path)
             starts = []
             for g in range(meta.num_row_groups):
                 starts.append(start)
@@ -189,7 +190,7 @@ class HubShards:
     Position -> shard: a resumed run must not download the shards before its position, so every
     shard but the last is taken to hold as many rows R as the first (pretokenized-dolma: 20,480),
     and position p is row p % R of shard p // R. R comes from the first shard's Parquet footer,
-    read with HTTP range requests (a few KB, no download), and is cached with the file listing of
+    read with HTTP range requests (64 KB, no download), and is cached with the file listing of
     the commit. Each shard's row count is checked when it is opened: one that breaks the
     assumption is an error naming it, before any of its rows is used.
 
@@ -223,17 +224,7 @@ class HubShards:
         try:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError):
-            index = {}
-        if "files" not in index:
-            listing = self._hub("list the files", lambda: HfApi().list_repo_files(
-                repo_id, repo_type="dataset", revision=self.sha))
-            index["files"] = sorted(f for f in listing if f.endswith(".parquet"))
-        self.files = index["files"]
-        if not self.files:
-            raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
-                            f".parquet files; expected pre-tokenized Parquet shards")
-        if "rows_per_shard" not in index:
-            index["rows_per_shard"] = self._footer(self.files[0]).num_rows
+            index = self._index()
             try:
                 index_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
@@ -241,6 +232,7 @@ class HubShards:
                 tmp.replace(index_path)
             except OSError:
                 pass  # a read-only cache: the listing is asked for again next time
+        self.files = index["files"]
         self.rows_per_shard = index["rows_per_shard"]
         if self.rows_per_shard < 1:
             raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
@@ -272,26 +264,23 @@ class HubShards:
                        f"set {self.key} to a directory of Parquet shards")
         raise DataError(without_token(message))
 
-    def _footer(self, file: str) -> pq.FileMetaData:
-        """A shard's Parquet footer (row count, schema), from range requests for the file's end."""
-        url = hf_hub_url(self.repo_id, file, repo_type="dataset", revision=self.sha)
+    def _index(self) -> dict:
+        """The commit's shards and R, the rows of its first shard, through HfFileSystem: the listing
+        leaves each file's size in the file system's cache, so pyarrow can read the first shard's
+        footer with range requests (its last 64 KB, more only for a larger footer; no download)."""
+        fs = HfFileSystem(skip_instance_cache=True)  # cached instances keep an old endpoint's listings
+        root = f"datasets/{self.repo_id}@{self.sha}"
+        listing = self._hub("list the files", lambda: fs.find(root))
+        files = sorted(path[len(root) + 1:] for path in listing if path.endswith(".parquet"))
+        if not files:
+            raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
+                            f".parquet files; expected pre-tokenized Parquet shards")
 
-        def tail(n: int) -> bytes:
-            response = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes=-{n}"},
-                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-            hf_raise_for_status(response)
-            return response.content
+        def footer():
+            with fs.open(f"{root}/{files[0]}", block_size=1 << 16) as f:
+                return read_footer(self.url(files[0]), f)
 
-        end = self._hub(f"read the footer of {file}", lambda: tail(1 << 16))
-        footer = int.from_bytes(end[-8:-4], "little") + 8  # the footer, its length, b"PAR1"
-        if end[-4:] == b"PAR1" and footer > len(end):
-            end = self._hub(f"read the footer of {file}", lambda: tail(footer))
-        try:
-            meta = pq.read_metadata(pa.BufferReader(end))
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{self.url(file)}: not a readable Parquet file ({e})") from None
-        check_schema(self.url(file), meta)
-        return meta
+        return {"files": files, "rows_per_shard": self._hub(f"read the footer of {files[0]}", footer).num_rows}
 
     def _download(self, k: int) -> Path:
         return Path(self._hub(f"download {self.files[k]}", lambda: hf_hub_download(
@@ -451,10 +440,7 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
     """Every row of one shard whose rows may differ in length (an evaluation set), checked.
     Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
-    try:
-        check_schema(name, pq.ParquetFile(path).metadata)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{name}: not a readable Parquet file ({e})") from None
+    read_footer(name, path)
     column = pq.read_table(path, columns=[COLUMN]).column(0).combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
         column = column.cast(pa.list_(column.type.value_type))
