@@ -39,6 +39,8 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import silent_tqdm
 
+from config import ConfigError, load_config
+
 COLUMN = "input_ids"
 
 # The offline corpus: the Python standard library's own source, one byte = one token.
@@ -566,11 +568,9 @@ def byte_text(ids) -> str:
 
 
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
-    import train  # the config system lives in train.py, which imports this module
-
     try:
-        config = train.load_config(config_path, overrides)
-    except train.ConfigError as e:
+        config = load_config(config_path, overrides)
+    except ConfigError as e:
         raise DataError(str(e)) from None
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
     shards = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed)
