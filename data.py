@@ -20,6 +20,8 @@ Also here: the embedded corpus of the offline demo (`python data.py prepare-loca
 
 import argparse
 import bisect
+import contextlib
+import itertools
 import json
 import os
 import queue
@@ -82,16 +84,33 @@ def read_footer(name: str, source) -> pq.FileMetaData:
         raise DataError(f"{name}: no column '{COLUMN}' (has {', '.join(schema.names)}); "
                         f"expected pre-tokenized rows of token ids")
     kind = schema.field(COLUMN).type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-            or pa.types.is_fixed_size_list(kind)) or not pa.types.is_integer(kind.value_type):
+    lists = (pa.ListType, pa.LargeListType, pa.FixedSizeListType)
+    if not isinstance(kind, lists) or not pa.types.is_integer(kind.value_type):
         raise DataError(f"{name}: column '{COLUMN}' has type {kind}, expected a list of integers")
     return meta
 
 
-def check_token_ids(name: str, ids: np.ndarray, vocab_size: int):
+def read_tokens(name: str, column: pa.ChunkedArray, vocab_size: int, min_len: int, max_len: int,
+                first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of a column of rows, concatenated as int64, and the offsets of the rows in them
+    (n_rows + 1), checked: each row holds min_len to max_len tokens, each id is in
+    [0, vocab_size). first_row: the index in its file of the column's first row, for errors."""
+    column = column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        column = column.cast(pa.list_(column.type.value_type))
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    wrong = (lengths < min_len) | (lengths > max_len)
+    if wrong.any():
+        bad = int(np.argmax(wrong))
+        expected = f"{min_len} to " if min_len != max_len else ""
+        raise DataError(f"{name}: row {first_row + bad} has {lengths[bad]} tokens, expected "
+                        f"{expected}model.max_seq_len + 1 = {max_len}")
+    ids = column.flatten().to_numpy().astype(np.int64)
     if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
         bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
         raise DataError(f"{name}: token id {bad} is outside [0, model.vocab_size={vocab_size})")
+    return ids, offsets - offsets[0]
 
 
 class ParquetShards:
@@ -107,40 +126,29 @@ class ParquetShards:
                  names: list[str] | None = None):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
         self.names = names or [str(path) for path in files]
-        self.group_starts = []  # per shard: the global position of each row group's first row
+        self.shard_starts = []  # the global position of each shard's first row
+        self.groups = []  # (the global position of its first row, shard, row group), in data order
         start = 0
-        for path, name in zip(files, self.names):
+        for f, (path, name) in enumerate(zip(files, self.names)):
+            self.shard_starts.append(start)
             meta = read_footer(name, path)
-            starts = []
             for g in range(meta.num_row_groups):
-                starts.append(start)
+                self.groups.append((start, f, g))
                 start += meta.row_group(g).num_rows
-            self.group_starts.append(starts)
         self.num_rows = start
-        self._flat_starts = [(s, f, g) for f, starts in enumerate(self.group_starts)
-                             for g, s in enumerate(starts)]
-        self._keys = [s for s, _, _ in self._flat_starts]
-        self._cached = (None, None)  # ((file, group), rows)
+        self._cached = (None, None)  # (group, its rows)
 
-    def _row_group(self, f: int, g: int) -> np.ndarray:
-        if self._cached[0] == (f, g):
-            return self._cached[1]
-        path = self.files[f]
-        column = pq.ParquetFile(path).read_row_group(g, columns=[COLUMN]).column(0).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type):
-            lengths = np.full(len(column), column.type.list_size)
-        else:
-            lengths = np.diff(column.offsets.to_numpy())
-        if self.row_len is None and len(lengths):
-            self.row_len = int(lengths[0])
-        if len(lengths) and (lengths != self.row_len).any():
-            bad = int(np.argmax(lengths != self.row_len))
-            raise DataError(f"{self.names[f]}: row {self.group_starts[f][g] - self.group_starts[f][0] + bad} "
-                            f"has {lengths[bad]} tokens, expected model.max_seq_len + 1 = {self.row_len}")
-        rows = column.flatten().to_numpy().astype(np.int64).reshape(-1, self.row_len)
-        check_token_ids(self.names[f], rows, self.vocab_size)
-        self._cached = ((f, g), rows)
-        return rows
+    def _rows(self, group: tuple[int, int, int]) -> np.ndarray:
+        """The rows of one of self.groups, checked."""
+        if self._cached[0] != group:
+            start, f, g = group
+            column = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[COLUMN]).column(0)
+            if self.row_len is None and len(column):
+                self.row_len = len(column[0])
+            ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len,
+                                 first_row=start - self.shard_starts[f])
+            self._cached = (group, ids.reshape(-1, self.row_len))
+        return self._cached[1]
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Rows [start, start + count) in data order, as int64 [count, row_len]."""
@@ -150,11 +158,10 @@ class ParquetShards:
         done = 0
         while done < count:
             pos = start + done
-            group_start, f, g = self._flat_starts[bisect.bisect_right(self._keys, pos) - 1]
-            rows = self._row_group(f, g)
-            take = min(count - done, group_start + len(rows) - pos)
-            out[done:done + take] = rows[pos - group_start:pos - group_start + take]
-            done += take
+            group = self.groups[bisect.bisect_right(self.groups, pos, key=lambda group: group[0]) - 1]
+            rows = self._rows(group)[pos - group[0]:][:count - done]
+            out[done:done + len(rows)] = rows
+            done += len(rows)
         return out
 
 
@@ -215,9 +222,9 @@ class HubShards:
         self.repo_id, self.revision, self.row_len, self.vocab_size = repo_id, revision, row_len, vocab_size
         self.max_cached_shards, self.shared = max_cached_shards, shared
         self.name = repo_id if revision == "main" else f"{repo_id}@{revision}"
-        offline = constants.is_offline_mode()
         self.sha = self._hub(f"look up revision {revision}", lambda: HfApi().resolve_revision(
-            repo_id, repo_type="dataset", revision=revision, local_files_only=offline).resolved)
+            repo_id, repo_type="dataset", revision=revision,
+            local_files_only=constants.is_offline_mode()).resolved)
         storage = Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
             repo_id=repo_id, repo_type="dataset")
         self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
@@ -227,15 +234,12 @@ class HubShards:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError):
             index = self._index()
-            try:
+            with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
                 index_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(index))
                 tmp.replace(index_path)
-            except OSError:
-                pass  # a read-only cache: the listing is asked for again next time
-        self.files = index["files"]
-        self.rows_per_shard = index["rows_per_shard"]
+        self.files, self.rows_per_shard = index["files"], index["rows_per_shard"]
         if self.rows_per_shard < 1:
             raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
         self.num_rows = self.rows_per_shard * len(self.files)  # until the last shard is opened
@@ -282,7 +286,8 @@ class HubShards:
             with fs.open(f"{root}/{files[0]}", block_size=1 << 16) as f:
                 return read_footer(self.url(files[0]), f)
 
-        return {"files": files, "rows_per_shard": self._hub(f"read the footer of {files[0]}", footer).num_rows}
+        meta = self._hub(f"read the footer of {files[0]}", footer)
+        return {"files": files, "rows_per_shard": meta.num_rows}
 
     def _download(self, k: int) -> Path:
         return Path(self._hub(f"download {self.files[k]}", lambda: hf_hub_download(
@@ -295,10 +300,8 @@ class HubShards:
         result = {}
 
         def fetch():
-            try:
+            with contextlib.suppress(DataError):  # shard() downloads it again, and reports the error
                 result["path"] = self._download(k)
-            except DataError as e:
-                result["error"] = e
 
         thread = threading.Thread(target=fetch, name=f"prefetch {self.files[k]}", daemon=True)
         thread.start()
@@ -333,8 +336,7 @@ class HubShards:
         self._prefetch(k)
         thread, result = self._fetches.pop(k)
         thread.join()
-        # A prefetch that failed (say, a network blip) gets a second chance now.
-        path = result["path"] if "path" in result else self._download(k)
+        path = result.get("path") or self._download(k)  # a failed prefetch gets a second chance
         for j in window[1:]:
             self._prefetch(j)
         shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])])
@@ -405,12 +407,10 @@ class BatchStream:
                 item = self._load(step)
             except Exception as e:  # hand it to the training loop, which re-raises it
                 item = e
-            while not self.stop.is_set():
-                try:
+            while not self.stop.is_set():  # wait for room, unless stopped
+                with contextlib.suppress(queue.Full):
                     self.queue.put(item, timeout=0.1)
                     break
-                except queue.Full:
-                    continue
             if self.stop.is_set() or isinstance(item, Exception):
                 return
 
@@ -443,19 +443,9 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
     Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
     read_footer(name, path)
-    column = pq.read_table(path, columns=[COLUMN]).column(0).combine_chunks()
-    if pa.types.is_fixed_size_list(column.type):
-        column = column.cast(pa.list_(column.type.value_type))
-    offsets = column.offsets.to_numpy()
-    values = column.flatten().to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)
-    if len(lengths) and (lengths.max() > max_row_len or lengths.min() < 2):
-        bad = int(np.argmax((lengths > max_row_len) | (lengths < 2)))
-        raise DataError(f"{name}: row {bad} has {lengths[bad]} tokens, expected 2 to "
-                        f"model.max_seq_len + 1 = {max_row_len}")
-    check_token_ids(name, values, vocab_size)
-    starts = offsets[:-1] - offsets[0]
-    return [values[s:s + n] for s, n in zip(starts, lengths)]
+    ids, offsets = read_tokens(name, pq.read_table(path, columns=[COLUMN]).column(0), vocab_size,
+                               2, max_row_len)
+    return [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,14 +547,9 @@ def prepare_local(seq_len: int, seed: int = 0) -> Path:
 
 def byte_text(ids) -> str:
     """Text of byte-level token ids, the end-of-document id shown as <eod>."""
-    parts, run = [], []
-    for i in ids:
-        if i == EOD_ID:
-            parts += [bytes(run).decode("utf-8", errors="replace"), "<eod>"]
-            run = []
-        else:
-            run.append(int(i))
-    return "".join(parts + [bytes(run).decode("utf-8", errors="replace")])
+    runs = itertools.groupby((int(i) for i in ids), key=lambda i: i == EOD_ID)
+    return "".join("<eod>" * len(list(run)) if eod else bytes(run).decode("utf-8", errors="replace")
+                   for eod, run in runs)
 
 
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
@@ -588,10 +573,8 @@ def print_batch(config_path: str, overrides: list[str], step: int, out: str | No
     elif out.endswith(".jsonl"):
         with open(out, "w") as f:
             for i, row in enumerate(rows):
-                record = {"position": start + i, "input_ids": row.tolist()}
-                if byte_level:
-                    record["text"] = byte_text(row)
-                f.write(json.dumps(record) + "\n")
+                text = {"text": byte_text(row)} if byte_level else {}
+                f.write(json.dumps({"position": start + i, "input_ids": row.tolist(), **text}) + "\n")
     else:
         raise DataError(f"--out {out}: expected a file name ending in .npy or .jsonl")
 
@@ -601,17 +584,13 @@ def verify(name: str, row_len: int | None = None, vocab_size: int | None = None)
     token ids; for a repo also the equal row counts its reading assumes), printing the rows and
     tokens of each. Returns (rows, tokens). row_len None: the first row's length."""
     vocab = vocab_size or np.iinfo(np.int64).max  # no vocabulary given: ids need only be >= 0
-    if repo := hub_repo(name):
-        hub = HubShards(*repo, row_len, vocab)
-        files, open_shard = hub.files, hub.shard  # downloads as training does: bounded cache
-    else:
-        files = list_shards(Path(name))
-        hub, open_shard = None, lambda k: ParquetShards([files[k]], row_len, vocab)
+    hub = HubShards(*repo, row_len, vocab) if (repo := hub_repo(name)) else None
+    files = hub.files if hub else list_shards(Path(name))
     total_rows, max_id = 0, -1
     for k, file in enumerate(files):
-        shard = open_shard(k)
-        for g in range(len(shard.group_starts[0])):
-            max_id = max(max_id, int(shard._row_group(0, g).max(initial=-1)))
+        # a repo's shards are downloaded as for training, into the bounded cache
+        shard = hub.shard(k) if hub else ParquetShards([file], row_len, vocab)
+        max_id = max([max_id] + [int(shard._rows(group).max(initial=-1)) for group in shard.groups])
         row_len = row_len or shard.row_len  # the first shard's row length holds for all
         if hub:
             hub.row_len = row_len
