@@ -152,17 +152,14 @@ class ParquetShards:
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Rows [start, start + count) in data order, as int64 [count, row_len]."""
-        if start + count > self.num_rows:
-            raise DataError(f"rows up to {start + count} requested, the dataset has {self.num_rows}")
-        out = np.empty((count, self.row_len), dtype=np.int64)
-        done = 0
-        while done < count:
-            pos = start + done
-            group = self.groups[bisect.bisect_right(self.groups, pos, key=lambda group: group[0]) - 1]
-            rows = self._rows(group)[pos - group[0]:][:count - done]
-            out[done:done + len(rows)] = rows
-            done += len(rows)
-        return out
+        end = start + count
+        if end > self.num_rows:
+            raise DataError(f"rows up to {end} requested, the dataset has {self.num_rows}")
+        # the row groups from the one holding `start` to the last one starting before `end`
+        first = bisect.bisect_right(self.groups, start, key=lambda group: group[0]) - 1
+        last = max(bisect.bisect_left(self.groups, end, key=lambda group: group[0]), first + 1)
+        return np.concatenate([self._rows(group)[max(start - group[0], 0):end - group[0]]
+                               for group in self.groups[first:last]])
 
 
 def hub_failure(e: Exception) -> str:
@@ -228,17 +225,7 @@ class HubShards:
         storage = Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
             repo_id=repo_id, repo_type="dataset")
         self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
-        # A commit never changes, so its listing and R are cached for good (and for offline use).
-        index_path = storage / "pico-shards" / f"{self.sha}.json"
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            index = self._index()
-            with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
-                index_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(index))
-                tmp.replace(index_path)
+        index = self._index(storage / "pico-shards" / f"{self.sha}.json")
         self.files, self.rows_per_shard = index["files"], index["rows_per_shard"]
         if self.rows_per_shard < 1:
             raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
@@ -270,14 +257,16 @@ class HubShards:
                        f"set {self.key} to a directory of Parquet shards")
         raise DataError(without_token(message))
 
-    def _index(self) -> dict:
-        """The commit's shards and R, the rows of its first shard, through HfFileSystem: the listing
-        leaves each file's size in the file system's cache, so pyarrow can read the first shard's
-        footer with range requests (its last 64 KB, more only for a larger footer; no download)."""
+    def _index(self, path: Path) -> dict:
+        """The commit's shards and R, cached at `path` for good (a commit never changes) and for
+        offline use. The listing leaves each file's size in HfFileSystem's cache, so pyarrow reads
+        the footer by range requests, as from a local file (the last 64 KB)."""
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
         fs = HfFileSystem(skip_instance_cache=True)  # cached instances keep an old endpoint's listings
         root = f"datasets/{self.repo_id}@{self.sha}"
         listing = self._hub("list the files", lambda: fs.find(root))
-        files = sorted(path[len(root) + 1:] for path in listing if path.endswith(".parquet"))
+        files = sorted(name[len(root) + 1:] for name in listing if name.endswith(".parquet"))
         if not files:
             raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
                             f".parquet files; expected pre-tokenized Parquet shards")
@@ -287,25 +276,29 @@ class HubShards:
                 return read_footer(self.url(files[0]), f)
 
         meta = self._hub(f"read the footer of {files[0]}", footer)
-        return {"files": files, "rows_per_shard": meta.num_rows}
+        index = {"files": files, "rows_per_shard": meta.num_rows}
+        with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(index))
+            tmp.replace(path)
+        return index
 
     def _download(self, k: int) -> Path:
         return Path(self._hub(f"download {self.files[k]}", lambda: hf_hub_download(
             self.repo_id, self.files[k], repo_type="dataset", revision=self.sha, tqdm_class=silent_tqdm)))
 
     def _prefetch(self, k: int):
-        """Start downloading shard k in a background thread, unless that has started already."""
-        if k >= len(self.files) or k in self._fetches:
-            return
-        result = {}
+        if k < len(self.files) and k not in self._fetches:
+            result = {}
+            thread = threading.Thread(target=self._fetch, args=(k, result), name=f"prefetch {self.files[k]}",
+                                      daemon=True)
+            thread.start()
+            self._fetches[k] = (thread, result)
 
-        def fetch():
-            with contextlib.suppress(DataError):  # shard() downloads it again, and reports the error
-                result["path"] = self._download(k)
-
-        thread = threading.Thread(target=fetch, name=f"prefetch {self.files[k]}", daemon=True)
-        thread.start()
-        self._fetches[k] = (thread, result)
+    def _fetch(self, k: int, result: dict):
+        with contextlib.suppress(DataError):  # shard() downloads it again, and reports the error
+            result["path"] = self._download(k)
 
     def _evict(self, window: range):
         """Delete this repo's shards from the cache but the window and, while fewer than
@@ -314,11 +307,9 @@ class HubShards:
             return  # nothing was downloaded, and the cache is the only copy
         for k in [k for k in self._fetches if k not in window]:  # left behind by a jump back
             self._fetches.pop(k)[0].join()
-        others = {}
-        for path in self.snapshot.rglob("*.parquet"):
-            k = self._order.get(path.relative_to(self.snapshot).as_posix())
-            if k is not None and k not in window:
-                others[k] = path
+        cached = ((self._order.get(path.relative_to(self.snapshot).as_posix()), path)
+                  for path in self.snapshot.rglob("*.parquet"))
+        others = {k: path for k, path in cached if k is not None and k not in window}
         nearest = sorted(others, key=lambda k: abs(k - window.start))
         for k in nearest[max(self.max_cached_shards - len(window), 0):]:
             blob = others[k].resolve()  # the snapshot entry links to the blob holding the bytes
@@ -353,19 +344,16 @@ class HubShards:
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Rows [start, start + count) in data order, as int64 [count, row_len]."""
-        out = np.empty((count, self.row_len), dtype=np.int64)
+        end, pieces = start + count, []
         with self._lock:
-            done = 0
-            while done < count:
-                k, row = divmod(start + done, self.rows_per_shard)
-                shard = self.shard(k) if start + count <= self.num_rows else None
+            while start < end:
+                k, row = divmod(start, self.rows_per_shard)
+                shard = self.shard(k) if end <= self.num_rows else None  # the last may be shorter
                 if shard is None or row >= shard.num_rows:
-                    raise DataError(f"rows up to {start + count} requested, {self.name} has "
-                                    f"{self.num_rows}")
-                take = min(count - done, shard.num_rows - row)
-                out[done:done + take] = shard.read(row, take)
-                done += take
-        return out
+                    raise DataError(f"rows up to {end} requested, {self.name} has {self.num_rows}")
+                pieces.append(shard.read(row, min(end - start, shard.num_rows - row)))
+                start += len(pieces[-1])
+        return np.concatenate(pieces)
 
 
 def rank_rows(step: int, global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -495,16 +483,6 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
 # The embedded corpus
 # ---------------------------------------------------------------------------------------------
 
-def stdlib_documents() -> list[bytes]:
-    """Every .py file of this Python's standard library (no tests, no installed packages),
-    in sorted path order, so the corpus is the same each time it is built on this install."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-    paths = sorted(p for p in root.rglob("*.py")
-                   if not skip & set(p.relative_to(root).parts[:-1]))
-    return [p.read_bytes() for p in paths]
-
-
 def write_shards(rows: np.ndarray, directory: Path):
     directory.mkdir(parents=True)
     row_len = rows.shape[1]
@@ -523,9 +501,14 @@ def prepare_local(seq_len: int, seed: int = 0) -> Path:
     out = CORPUS_ROOT / f"stdlib-bytes-seq{seq_len}-seed{seed}"
     if out.is_dir():
         return out
-    # Documents end with EOD and are packed back to back; the partial last row is dropped.
-    tokens = np.concatenate([np.append(np.frombuffer(doc, dtype=np.uint8).astype(np.int32), EOD_ID)
-                             for doc in stdlib_documents()])
+    # Every .py file of this Python's standard library (no tests, no installed packages), in sorted
+    # path order, so the corpus is the same each time it is built on this install. Documents end
+    # with EOD and are packed back to back; the partial last row is dropped.
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    paths = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+    tokens = np.concatenate([np.append(np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.int32), EOD_ID)
+                             for p in paths])
     row_len = seq_len + 1
     rows = tokens[:len(tokens) // row_len * row_len].reshape(-1, row_len)
     # Shuffle rows once, as pretokenized-dolma was, so that file order is a good training order.
@@ -553,10 +536,7 @@ def byte_text(ids) -> str:
 
 
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as e:
-        raise DataError(str(e)) from None
+    config = load_config(config_path, overrides)
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
     shards = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed)
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
@@ -632,9 +612,7 @@ def main(argv=None):
     if args.command == "prepare-local":
         out = prepare_local(args.seq_len, args.seed)
         for split in ("train", "val"):
-            shards = ParquetShards(list_shards(out / split), args.seq_len + 1, BYTE_VOCAB_SIZE)
-            print(f"{out / split}: {len(shards.files)} shards, {shards.num_rows:,} rows, "
-                  f"{shards.num_rows * (args.seq_len + 1):,} tokens")
+            verify(str(out / split), args.seq_len + 1, BYTE_VOCAB_SIZE)
     if args.command == "verify":
         verify(args.dataset, args.seq_len + 1 if args.seq_len else None, args.vocab_size)
 
@@ -642,5 +620,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
