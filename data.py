@@ -70,14 +70,14 @@ def list_shards(directory: Path) -> list[Path]:
     return files
 
 
-def read_footer(name: str, source) -> pq.FileMetaData:
-    """The Parquet footer (row groups, row counts) of a shard, a local path or a file open on the
-    Hub, checked to hold the column `input_ids` of lists of integers. Errors name it by `name`."""
+def read_footer(name: str, path, filesystem=None) -> pq.FileMetaData:
+    """The Parquet footer (row groups, row counts) of a shard, a local path or a path on
+    `filesystem` (the Hub), checked to hold the column `input_ids` of lists of integers."""
     try:
-        meta = pq.read_metadata(source)
+        meta = pq.read_metadata(path, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
-        if isinstance(e, OSError) and not isinstance(source, (str, os.PathLike)):
+        if isinstance(e, OSError) and filesystem is not None:
             raise  # the Hub's (the network, offline mode), for HubShards to report
         raise DataError(f"{name}: not a readable Parquet file ({e})") from None
     if COLUMN not in schema.names:
@@ -92,9 +92,8 @@ def read_footer(name: str, source) -> pq.FileMetaData:
 
 def read_tokens(name: str, column: pa.ChunkedArray, vocab_size: int, min_len: int, max_len: int,
                 first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The token ids of a column of rows, concatenated as int64, and the offsets of the rows in them
-    (n_rows + 1), checked: each row holds min_len to max_len tokens, each id is in
-    [0, vocab_size). first_row: the index in its file of the column's first row, for errors."""
+    """Token ids (int64, concatenated) and row offsets of a column of rows, checked: each row holds
+    min_len to max_len tokens, each id is in [0, vocab_size). first_row: its first row's index in its file."""
     column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
         column = column.cast(pa.list_(column.type.value_type))
@@ -126,27 +125,22 @@ class ParquetShards:
                  names: list[str] | None = None):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
         self.names = names or [str(path) for path in files]
-        self.shard_starts = []  # the global position of each shard's first row
-        self.groups = []  # (the global position of its first row, shard, row group), in data order
-        start = 0
+        self.groups = []  # in data order: (global position of its first row, shard, row group, row in shard)
+        self.num_rows = 0
         for f, (path, name) in enumerate(zip(files, self.names)):
-            self.shard_starts.append(start)
-            meta = read_footer(name, path)
+            meta, shard_start = read_footer(name, path), self.num_rows
             for g in range(meta.num_row_groups):
-                self.groups.append((start, f, g))
-                start += meta.row_group(g).num_rows
-        self.num_rows = start
+                self.groups.append((self.num_rows, f, g, self.num_rows - shard_start))
+                self.num_rows += meta.row_group(g).num_rows
         self._cached = (None, None)  # (group, its rows)
 
-    def _rows(self, group: tuple[int, int, int]) -> np.ndarray:
-        """The rows of one of self.groups, checked."""
+    def _rows(self, group: tuple[int, int, int, int]) -> np.ndarray:
         if self._cached[0] != group:
-            start, f, g = group
+            _, f, g, row = group  # row: the group's first row's index in its shard, for errors
             column = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[COLUMN]).column(0)
             if self.row_len is None and len(column):
                 self.row_len = len(column[0])
-            ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len,
-                                 first_row=start - self.shard_starts[f])
+            ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len, row)
             self._cached = (group, ids.reshape(-1, self.row_len))
         return self._cached[1]
 
@@ -178,13 +172,10 @@ def without_token(text: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-# A Hub dataset repo: namespace/name, optionally @revision (a branch, tag or commit).
-HUB_REPO = re.compile(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?")
-
-
 def hub_repo(name: str) -> tuple[str, str] | None:
-    """(repo id, revision) if data.dataset.name names a Hub dataset repo, not a local path."""
-    match = HUB_REPO.fullmatch(name)
+    """(repo id, revision) if data.dataset.name names a Hub dataset repo, not a local path:
+    namespace/name, optionally @revision (a branch, tag or commit)."""
+    match = re.fullmatch(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?", name)
     if match is None or Path(name).exists():
         return None
     return match["repo_id"], match["revision"] or "main"
@@ -231,7 +222,7 @@ class HubShards:
             raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
         self.num_rows = self.rows_per_shard * len(self.files)  # until the last shard is opened
         self._order = {f: k for k, f in enumerate(self.files)}
-        self._fetches: dict[int, tuple[threading.Thread, dict]] = {}  # shard -> its download
+        self._fetches: dict[int, threading.Thread] = {}  # shard -> its download
         self._current = (None, None)  # (shard index, ParquetShards)
         self._lock = threading.Lock()
 
@@ -258,24 +249,19 @@ class HubShards:
         raise DataError(without_token(message))
 
     def _index(self, path: Path) -> dict:
-        """The commit's shards and R, cached at `path` for good (a commit never changes) and for
-        offline use. The listing leaves each file's size in HfFileSystem's cache, so pyarrow reads
-        the footer by range requests, as from a local file (the last 64 KB)."""
+        """The commit's shards and R, cached at `path` for good (a commit never changes), also offline.
+        HfFileSystem's listing caches the sizes, so pyarrow reads the footer by range requests (64 KB)."""
         with contextlib.suppress(OSError, ValueError):
             return json.loads(path.read_text())
-        fs = HfFileSystem(skip_instance_cache=True)  # cached instances keep an old endpoint's listings
+        fs = HfFileSystem(skip_instance_cache=True, block_size=1 << 16)  # cached ones keep old listings
         root = f"datasets/{self.repo_id}@{self.sha}"
         listing = self._hub("list the files", lambda: fs.find(root))
         files = sorted(name[len(root) + 1:] for name in listing if name.endswith(".parquet"))
         if not files:
             raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
                             f".parquet files; expected pre-tokenized Parquet shards")
-
-        def footer():
-            with fs.open(f"{root}/{files[0]}", block_size=1 << 16) as f:
-                return read_footer(self.url(files[0]), f)
-
-        meta = self._hub(f"read the footer of {files[0]}", footer)
+        meta = self._hub(f"read the footer of {files[0]}",
+                         lambda: read_footer(self.url(files[0]), f"{root}/{files[0]}", fs))
         index = {"files": files, "rows_per_shard": meta.num_rows}
         with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,15 +276,13 @@ class HubShards:
 
     def _prefetch(self, k: int):
         if k < len(self.files) and k not in self._fetches:
-            result = {}
-            thread = threading.Thread(target=self._fetch, args=(k, result), name=f"prefetch {self.files[k]}",
-                                      daemon=True)
-            thread.start()
-            self._fetches[k] = (thread, result)
+            self._fetches[k] = threading.Thread(target=self._fetch, args=(k,), daemon=True,
+                                                name=f"prefetch {self.files[k]}")
+            self._fetches[k].start()
 
-    def _fetch(self, k: int, result: dict):
+    def _fetch(self, k: int):
         with contextlib.suppress(DataError):  # shard() downloads it again, and reports the error
-            result["path"] = self._download(k)
+            self._download(k)
 
     def _evict(self, window: range):
         """Delete this repo's shards from the cache but the window and, while fewer than
@@ -306,7 +290,7 @@ class HubShards:
         if constants.is_offline_mode():
             return  # nothing was downloaded, and the cache is the only copy
         for k in [k for k in self._fetches if k not in window]:  # left behind by a jump back
-            self._fetches.pop(k)[0].join()
+            self._fetches.pop(k).join()
         cached = ((self._order.get(path.relative_to(self.snapshot).as_posix()), path)
                   for path in self.snapshot.rglob("*.parquet"))
         others = {k: path for k, path in cached if k is not None and k not in window}
@@ -325,9 +309,8 @@ class HubShards:
         # before downloading: the bound holds at every moment
         self._evict(range(max(k - 1, 0), min(window.stop + 1, len(self.files))) if self.shared else window)
         self._prefetch(k)
-        thread, result = self._fetches.pop(k)
-        thread.join()
-        path = result.get("path") or self._download(k)  # a failed prefetch gets a second chance
+        self._fetches.pop(k).join()
+        path = self._download(k)  # from the cache, no request; a failed prefetch gets a second chance
         for j in window[1:]:
             self._prefetch(j)
         shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])])
@@ -378,8 +361,7 @@ class BatchStream:
         self.args = (global_batch, world_size, rank)
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        # The first batch is read here, in the caller's thread, so a bad shard is reported
-        # before any compute starts.
+        # The first batch is read in the caller's thread: a bad shard is reported before any compute.
         self.queue.put(self._load(start_step))
         self.thread = threading.Thread(target=self._run, args=(start_step + 1, end_step), daemon=True)
         self.thread.start()
@@ -415,8 +397,7 @@ class BatchStream:
 def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0,
                  max_cached_shards: int = 2, shared: bool = False) -> ParquetShards | HubShards:
     """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
-    (namespace/name[@revision]) or the embedded corpus. shared: read by several processes of
-    one job (HubShards)."""
+    (namespace/name[@revision]) or the embedded corpus; shared: HubShards read by one job's processes."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(row_len - 1, seed) / "train"
     elif repo := hub_repo(name):
@@ -431,9 +412,8 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
     Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
     read_footer(name, path)
-    ids, offsets = read_tokens(name, pq.read_table(path, columns=[COLUMN]).column(0), vocab_size,
-                               2, max_row_len)
-    return [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    ids, bounds = read_tokens(name, pq.read_table(path, columns=[COLUMN])[COLUMN], vocab_size, 2, max_row_len)
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,10 +437,9 @@ def in_split(file: str, split: str) -> bool:
 
 def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0,
                   key: str = "evaluation.paloma.dataset_name"):
-    """The fixed evaluation sequences: the embedded corpus's validation split, the `split` files
-    of a Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or the `split` subdirectory of a
-    local directory (else the directory itself). Rows of up to max_seq_len + 1 tokens; held in
-    memory, as an evaluation set is small."""
+    """The fixed evaluation sequences: the embedded corpus's validation split, the `split` files of a
+    Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or the `split` subdirectory of a local directory
+    (else the directory itself). Rows of up to max_seq_len + 1 tokens, held in memory (a small set)."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(max_row_len - 1, seed) / "val"
     elif repo := hub_repo(name):
@@ -479,17 +458,14 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
     return [row for path in list_shards(directory) for row in read_rows(path, max_row_len, vocab_size)]
 
 
-# ---------------------------------------------------------------------------------------------
-# The embedded corpus
-# ---------------------------------------------------------------------------------------------
+# The embedded corpus: the offline demo's data, built from this Python's standard library -------
 
 def write_shards(rows: np.ndarray, directory: Path):
     directory.mkdir(parents=True)
-    row_len = rows.shape[1]
     n_shards = max(1, -(-len(rows) // ROWS_PER_SHARD))
     for s in range(n_shards):
         part = rows[s * ROWS_PER_SHARD:(s + 1) * ROWS_PER_SHARD]
-        offsets = pa.array(np.arange(0, part.size + 1, row_len, dtype=np.int32))
+        offsets = pa.array(np.arange(0, part.size + 1, rows.shape[1], dtype=np.int32))
         column = pa.ListArray.from_arrays(offsets, pa.array(part.reshape(-1).astype(np.int32)))
         pq.write_table(pa.table({COLUMN: column}), directory / f"{s:05d}-of-{n_shards:05d}.parquet",
                        row_group_size=ROWS_PER_ROW_GROUP)
@@ -538,9 +514,9 @@ def byte_text(ids) -> str:
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
     config = load_config(config_path, overrides)
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
-    shards = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed)
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
-    rows = shards.read(start, count)
+    rows = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
+                        config.data.seed).read(start, count)
     byte_level = config.data.tokenizer.name == "bytes"
     print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
           f"{count} x {seq_len + 1} tokens")
