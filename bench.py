@@ -45,6 +45,7 @@ from huggingface_hub import constants
 import checkpoint
 import data
 import train
+from config import Config
 from model import SUITE, ModelConfig, PicoDecoder
 
 
@@ -198,7 +199,7 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
     """The learning-dynamics captures of one checkpoint (train batch and val set, at default
     settings) against the training they ride on: save_every_n_steps = 1,000 steps of the same
     global batch, timed here as one step x 1,000."""
-    config = train.Config()
+    config = Config()
     config.model = ModelConfig(**SUITE[name], max_seq_len=seq_len)
     torch.manual_seed(0)
     model = PicoDecoder(config.model).to(device)
@@ -223,13 +224,12 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
 
 def bench_scaling(args):
     """Under torchrun: tokens/s per process of one process alone and of all of them together."""
-    config = train.Config()
+    config = Config()
     config.model = ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len)
-    config.training.distributed = args.distributed
-    device = train.pick_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
-    train.start_distributed(config, device)
-    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    precision = "bf16-mixed" if device.type == "cuda" else "32"
+    config.training.distributed, config.training.compile = args.distributed, args.compile
+    env = train.setup(config)  # as train.py sets it up: device, precision, rank
+    train.start_distributed(config, env)
+    rank, world_size, device = env.rank, env.world_size, env.device
     tokens = torch.randint(0, config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
 
     def tokens_per_s(wrap) -> float:
@@ -247,7 +247,7 @@ def bench_scaling(args):
     if rank == 0:  # the reference, while the other processes wait
         alone = tokens_per_s(lambda model: torch.compile(model) if args.compile else model)
     torch.distributed.barrier()
-    together = tokens_per_s(lambda model: train.parallelize(model, config, device, precision, args.compile)[0])
+    together = tokens_per_s(lambda model: train.parallelize(model, config, env)[0])
     per_rank = [None] * world_size
     torch.distributed.all_gather_object(per_rank, together)
     if rank == 0:

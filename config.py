@@ -2,10 +2,8 @@
 batch 1024 x 2048 tokens, AdamW 3e-4, 2,500 warm-up steps, linear decay to 0 at 200,000 steps).
 
 A Python config file (`model.d_model = 96`), a pico-train YAML (`model: {d_model: 96}`) and the
-command line (`--model.d_model=96`) all set keys through one walker, `set_key`, so each kind of
-mistake reads the same wherever it was made. A field's type says what it accepts (a `Literal`
-choice, a `Positive` count), checked by one generic check; `validate()` holds the rules that
-relate several keys.
+command line (`--model.d_model=96`) all set keys through one walker, `set_key`. A field's type
+says what it accepts, checked by one generic check; `validate()` relates several keys.
 """
 
 import ast
@@ -28,17 +26,14 @@ class ConfigError(Exception):
     """A bad config: the message names the key, the value and what was expected."""
 
 
-# A count is Positive, a rate PositiveFloat, ...: the type alone says what a field accepts.
 Positive, NonNegative = Annotated[int, "positive"], Annotated[int, "non-negative"]
 PositiveFloat, NonNegativeFloat = Annotated[float, "positive"], Annotated[float, "non-negative"]
 
 
-# Every section is a dataclass with slots: a misspelled field is an error, never a new attribute
-# that nothing reads. The README's configuration table says more of each field.
+# Each section is a dataclass with slots, so a misspelled field is an error (README: every field).
 @dataclass(slots=True)
 class DatasetConfig:
-    # A Hub dataset repo ("namespace/name[@revision]"), a directory of Parquet shards, or
-    # "builtin:stdlib-bytes" (the offline corpus)
+    # A Hub dataset repo ("namespace/name[@revision]"), a directory of shards, "builtin:stdlib-bytes"
     name: str = "pico-lm/pretokenized-dolma"
     max_cached_shards: Positive = 2  # Hub shards kept on disk: the one read and the next ones
 
@@ -89,8 +84,7 @@ class TrainingConfig:
 @dataclass(slots=True)
 class TrainingCheckpointingConfig:
     auto_resume: bool = True
-    # A new run's first weights: a checkpoint directory or Hub model repo ("namespace/name[@rev]")
-    # that PicoDecoder.from_pretrained reads, of the config's shape. A resumed run ignores it.
+    # A new run's first weights: a checkpoint PicoDecoder.from_pretrained reads (a resume ignores it)
     init_from: str | None = None
 
 
@@ -98,10 +92,8 @@ class TrainingCheckpointingConfig:
 class HuggingFaceCheckpointingConfig:
     repo_id: str = ""  # with checkpointing.save_to_hf: each checkpoint goes to branch run_name here
     collection_slug: str | None = None
-    # A failed upload is tried upload_attempts times, upload_retry_delay seconds apart, then twice
-    # that, ...; one still not uploaded is uploaded at the run's next start.
-    upload_attempts: Positive = 5
-    upload_retry_delay: NonNegativeFloat = 10.0
+    upload_attempts: Positive = 5  # tries of a failed upload; then it waits for the next start
+    upload_retry_delay: NonNegativeFloat = 10.0  # seconds before the second try, doubling after
 
 
 @dataclass(slots=True)
@@ -113,8 +105,7 @@ class LearningDynamicsCheckpointingConfig:
     sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
     batch_size: Positive = 8  # sub-batch of the capture's forward/backward; never changes the result
     capture_train: bool = True  # train_*.pt: on the batch the checkpoint's last step trained on
-    # val_*.pt: on this fixed set (a Hub repo's val split, a directory or builtin:stdlib-bytes);
-    # None: no val captures, as in pico-train
+    # val_*.pt on this fixed set (a Hub repo's val split, a directory...); None: none, as pico-train
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
 
 
@@ -123,11 +114,9 @@ class CheckpointingConfig:
     run_name: str | None = None  # None: a timestamp (which never resumes)
     runs_dir: str = "runs"
     save_every_n_steps: Positive = 1000
-    # Pythia-style extra checkpoints at steps 0, 1, 2, 4, ... up to this step, where most learning
-    # dynamics happen. 0: none.
+    # Pythia's extra early checkpoints, at steps 0, 1, 2, 4, ... up to this one (0: none)
     log_spaced_until: NonNegative = 512
-    # The optimizer state (twice the model's size) is kept in the newest N checkpoints only; resume
-    # needs the newest. None: in every one.
+    # The optimizer state (twice the model) only in the newest N checkpoints (None: in all)
     keep_last_n_optimizer_states: Positive | None = None
     save_to_hf: bool = False
     hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
@@ -184,14 +173,12 @@ PICO_TRAIN_ONLY = {
     "training.fabric": "has no meaning under torchrun (launch with torchrun; see README)",
     "model.model_type": "the pico-decoder is the only model",
     "model.batch_size": "the batch is data.dataloader.batch_size",
-    "checkpointing.checkpoints_dir": "the run directory layout is fixed (see README)",
-    "checkpointing.logs_dir": "the run directory layout is fixed (see README)",
-    "checkpointing.fabric_checkpoint_dir": "checkpoints are plain PyTorch files",
-    "checkpointing.fabric_checkpoint_filename": "checkpoints are plain PyTorch files",
-    "checkpointing.learning_dynamics_dir": "the run directory layout is fixed (see README)",
-    "checkpointing.evaluation": "the run directory layout is fixed (see README)",
-    "monitoring.save_to_picolabs": "Pico Labs reporting is not supported",
-    "monitoring.pico_report": "Pico Labs reporting is not supported",
+    **dict.fromkeys(["checkpointing.checkpoints_dir", "checkpointing.logs_dir", "checkpointing.evaluation",
+                     "checkpointing.learning_dynamics_dir"], "the run directory is fixed (see README)"),
+    **dict.fromkeys(["checkpointing.fabric_checkpoint_dir", "checkpointing.fabric_checkpoint_filename"],
+                    "checkpoints are plain PyTorch files"),
+    **dict.fromkeys(["monitoring.save_to_picolabs", "monitoring.pico_report"],
+                    "Pico Labs reporting is not supported"),
 }
 
 
@@ -204,7 +191,8 @@ def _lookup(config: Config, key: str) -> tuple[object, str]:
         names = [f.name for f in dataclasses.fields(section)]
         walked.append(part)
         if part not in names:
-            raise ConfigError(f"{'.'.join(walked)} is not a config key; expected one of {', '.join(names)}")
+            raise ConfigError(f"{'.'.join(walked)} is not a config key; expected one of "
+                              f"{', '.join(names)}")
         holder, section = section, getattr(section, part)
     return holder, part
 
@@ -260,7 +248,9 @@ def _conform(value, hint):
         return _NO if any(v is _NO for v in items) else items
     if isinstance(value, bool) and hint is not bool:
         return _NO  # True is an int to Python, never a number to a config
-    return float(value) if hint is float and isinstance(value, int) else value if isinstance(value, hint) else _NO
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value if isinstance(value, hint) else _NO
 
 
 def describe(hint) -> str:
@@ -349,19 +339,18 @@ def load_config(path: str, overrides: list[str]) -> Config:
 def validate(config: Config, world_size: int):
     """The rules that relate several keys (or a key and this machine), each named, before
     anything is built or written. A single key's type, choice or sign is its field's type."""
-    opt, ld, training = config.training.optimization, config.checkpointing.learning_dynamics, config.training
-    per_step, cuda = world_size * opt.gradient_accumulation_steps, torch.cuda.is_available()
-    problems = config.model.problems() + [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in [
-        ("data.dataloader.batch_size", config.data.dataloader.batch_size,
-         config.data.dataloader.batch_size % per_step == 0,
+    opt, training, ld = config.training.optimization, config.training, config.checkpointing.learning_dynamics
+    batch, per_step = config.data.dataloader.batch_size, world_size * opt.gradient_accumulation_steps
+    hf, cuda = config.checkpointing.hf_checkpoint, torch.cuda.is_available()
+    rules = [  # (key, value, whether it is right, what was expected)
+        ("data.dataloader.batch_size", batch, batch % per_step == 0,
          f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
          f"= {world_size} x {opt.gradient_accumulation_steps} = {per_step}"),
         ("training.backend", training.backend,
          training.backend != "nccl" or (cuda and training.device in ("auto", "cuda")),
          "'gloo' or 'auto': NCCL needs CUDA GPUs, and " + (
              "training.device is not 'cuda'" if cuda else "this machine has none")),
-        ("checkpointing.hf_checkpoint.repo_id", config.checkpointing.hf_checkpoint.repo_id,
-         config.checkpointing.hf_checkpoint.repo_id or not config.checkpointing.save_to_hf,
+        ("checkpointing.hf_checkpoint.repo_id", hf.repo_id, hf.repo_id or not config.checkpointing.save_to_hf,
          "a Hub model repo id (namespace/name) when checkpointing.save_to_hf is true"),
         ("checkpointing.learning_dynamics.sequence_idx", ld.sequence_idx,
          -config.model.max_seq_len <= ld.sequence_idx < 1, "a position from the end of each row, "
@@ -369,6 +358,24 @@ def validate(config: Config, world_size: int):
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
-    ] if not ok]
+    ]
+    problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
+                                          for key, value, ok, expected in rules if not ok]
     if problems:
         raise ConfigError(problems[0])
+
+
+def check_resume_compatible(config: Config, saved_path: Path):
+    """A run resumes only under the model shape and global batch of its training_config.yaml."""
+    try:
+        saved = load_config(str(saved_path), [])
+    except ConfigError as e:
+        raise ConfigError(f"{saved_path}: cannot be read ({e}); expected the config of the run "
+                          f"being resumed") from None
+    pairs = [(f"model.{k}", v, getattr(config.model, k)) for k, v in dataclasses.asdict(saved.model).items()]
+    pairs.append(("data.dataloader.batch_size", saved.data.dataloader.batch_size,
+                  config.data.dataloader.batch_size))
+    differ = [f"{key} (run: {a!r}, new config: {b!r})" for key, a, b in pairs if a != b]
+    if differ:
+        raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
+                          f"{'; '.join(differ)}; use another checkpointing.run_name")

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import checkpoint
+import config as pico_config
 import data
 import train
 from test_evaluation import eval_args, write_eval_set
@@ -196,11 +197,11 @@ def test_a_world_size_that_does_not_divide_the_batch_is_one_line(tiny):
 
 def test_fsdp_on_a_torch_without_fully_shard_is_refused(monkeypatch):
     monkeypatch.setattr(train, "fully_shard", None)
-    config = train.Config()
+    config = pico_config.Config()
     config.training.distributed = "fsdp"
-    with pytest.raises(train.ConfigError, match=r"^training.distributed='fsdp': expected 'ddp': torch "
-                                                r"\S+ has no fully_shard"):
-        train.validate(config, 2)
+    with pytest.raises(pico_config.ConfigError, match=r"^training.distributed='fsdp': expected 'ddp': torch "
+                                                      r"\S+ has no fully_shard"):
+        train.setup(config)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: NCCL is valid")

@@ -1,5 +1,6 @@
 """Perplexity at every checkpoint, on the same sequences every time."""
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import train
-from model import PicoDecoder
+from model import ModelConfig, PicoDecoder
 from test_train import run
 
 SEQ, VOCAB = 32, 64
@@ -82,10 +83,10 @@ def test_evaluation_rows_longer_than_max_seq_len_plus_one_are_refused(tiny, tmp_
 
 def test_bits_per_byte_for_the_byte_tokenizer_is_the_loss_in_bits_per_text_byte():
     rows = [np.array([104, 105, 256, 33, 10]), np.array([256, 97, 98])]
-    model = PicoDecoder(train.ModelConfig(d_model=32, n_layers=1, attention_n_heads=4,
+    model = PicoDecoder(ModelConfig(d_model=32, n_layers=1, attention_n_heads=4,
                                           attention_n_kv_heads=2, activation_hidden_dim=64,
                                           vocab_size=257, max_seq_len=8))
-    results = train.evaluate(model, rows, 2, torch.device("cpu"), train.contextlib.nullcontext(), True)
+    results = train.evaluate(model, rows, 2, torch.device("cpu"), contextlib.nullcontext(), True)
     predicted_bytes = 3 + 2  # the labels, less the end-of-document id
     assert results["tokens"] == 6
     assert math.isclose(results["bits_per_byte"], results["loss"] * 6 / math.log(2) / predicted_bytes)

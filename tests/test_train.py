@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import config as pico_config
 import data
 import train
 
@@ -85,7 +87,7 @@ def test_run_writes_the_contracted_run_directory(tiny):
     run(config)
     run_dir = runs / "run"
     assert (run_dir / "training_config.yaml").is_file() and list((run_dir / "logs").iterdir())
-    saved = train.yaml.safe_load((run_dir / "training_config.yaml").read_text())
+    saved = yaml.safe_load((run_dir / "training_config.yaml").read_text())
     assert set(saved) == {"model", "data", "training", "checkpointing", "evaluation", "monitoring"}
     assert saved["model"]["d_model"] == 32 and saved["checkpointing"]["run_name"] == "run"
     assert sorted(losses(run_dir)) == list(range(1, 13))
@@ -261,13 +263,13 @@ evaluation: {{metrics: []}}
 """)
     result = run(config)
     assert "training.fabric ignored" in result.stderr
-    saved = train.yaml.safe_load((runs / "yaml-run" / "training_config.yaml").read_text())
+    saved = yaml.safe_load((runs / "yaml-run" / "training_config.yaml").read_text())
     assert saved["training"]["optimization"]["gradient_accumulation_steps"] == 2
 
 
 def test_overrides_parse_python_literals_and_fall_back_to_strings(tiny):
     config, _ = tiny
-    cfg = train.load_config(str(config), ["--training.optimization.max_grad_norm=0.5",
+    cfg = pico_config.load_config(str(config), ["--training.optimization.max_grad_norm=0.5",
                                           "--checkpointing.run_name=123",
                                           "--evaluation.metrics=['paloma']",
                                           "--checkpointing.learning_dynamics.layer_suffixes=['swiglu.w_2']",
@@ -280,7 +282,7 @@ def test_overrides_parse_python_literals_and_fall_back_to_strings(tiny):
 
 
 def test_schedule_is_pico_trains_linear_warmup_then_linear_decay_to_zero():
-    cfg = train.Config()
+    cfg = pico_config.Config()
     cfg.training.max_steps, cfg.training.optimization.lr_warmup_steps = 100, 10
     f = train.lr_lambda(cfg)
     assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
