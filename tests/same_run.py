@@ -1,0 +1,118 @@
+"""Is this working tree's run the same run, bit for bit, as the one a commit trains?
+
+    python tests/same_run.py 569942f [--steps 30] [--keep DIR]
+
+Trains configs/local.py for --steps steps (a checkpoint every steps / 2, a log line every step)
+twice, sequentially: once with the commit's code (from `git archive`, in a temporary directory) and
+once with this working tree's, each into its own runs directory. Then compares what each run
+wrote: every training record of metrics.jsonl (loss, lr, grad_norm, tokens_seen; not the timings),
+every evaluation record and eval_results file, the same checkpoint steps, and in each checkpoint
+the exported weights, the learning-dynamics captures, the training state (step, data position,
+scheduler, RNG) and the optimizer state, tensor by tensor with torch.equal. Prints each difference
+and exits 1 if there is any. A refactoring that keeps the run must print "identical".
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMINGS = {"tokens_per_s", "mfu"}  # differ from run to run by nature
+
+
+def train(code: Path, runs: Path, steps: int):
+    command = [sys.executable, str(code / "train.py"), str(code / "configs" / "local.py"),
+               f"--training.max_steps={steps}", f"--checkpointing.save_every_n_steps={max(1, steps // 2)}",
+               "--monitoring.logging.log_every_n_steps=1", f"--checkpointing.runs_dir={runs}"]
+    print(f"training with {code} ...", flush=True)
+    subprocess.run(command, cwd=code, check=True, stdout=subprocess.DEVNULL)
+
+
+def records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
+
+
+def tensors(path: Path) -> dict:
+    """Every tensor of a checkpoint file, flattened to {dotted key: tensor or plain value}."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return flatten(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def optimizer(step_dir: Path, scratch: Path) -> dict:
+    out = scratch / f"{step_dir.parent.parent.parent.name}-{step_dir.name}-optimizer.pt"
+    dcp_to_torch_save(step_dir / "optimizer", out)
+    return flatten(torch.load(out, map_location="cpu", weights_only=True))
+
+
+def flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def compare(name: str, a: dict, b: dict, differences: list[str]):
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            differences.append(f"{name}: {key} only in the {'commit' if key in a else 'working tree'}'s run")
+        elif not same(a[key], b[key]):
+            differences.append(f"{name}: {key} differs")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("commit", help="the commit whose run is the reference, e.g. 569942f")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--keep", help="a directory to keep both runs in (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = Path(args.keep or tempfile.mkdtemp(prefix="same-run-"))
+    reference = work / "reference-code"
+    reference.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", args.commit], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(reference)], input=archive.stdout, check=True)
+    train(reference, work / "reference-runs", args.steps)
+    train(ROOT, work / "new-runs", args.steps)
+
+    a, b = work / "reference-runs" / "local", work / "new-runs" / "local"
+    differences: list[str] = []
+    if records(a) != records(b):
+        differences.append("metrics.jsonl: the records differ (beyond tokens_per_s and mfu)")
+    for results in sorted({p.name for p in (a / "eval_results").glob("*.json")} |
+                          {p.name for p in (b / "eval_results").glob("*.json")}):
+        if not (a / "eval_results" / results).is_file() or not (b / "eval_results" / results).is_file() \
+                or (a / "eval_results" / results).read_text() != (b / "eval_results" / results).read_text():
+            differences.append(f"eval_results/{results} differs")
+    steps = [sorted(p.name for p in (run / "checkpoints").glob("step_*")) for run in (a, b)]
+    if steps[0] != steps[1]:
+        differences.append(f"checkpoints: {steps[0]} against {steps[1]}")
+    for step in steps[0]:
+        old, new = a / "checkpoints" / step, b / "checkpoints" / step
+        for file in ["model.safetensors", "training_state.pt"] + sorted(
+                f"learning_dynamics/{p.name}" for p in (old / "learning_dynamics").glob("*.pt")):
+            compare(f"{step}/{file}", tensors(old / file), tensors(new / file), differences)
+        compare(f"{step}/optimizer", optimizer(old, work), optimizer(new, work), differences)
+    for line in differences:
+        print(line)
+    print(f"{len(steps[0])} checkpoints and {len(records(a))} records compared in {work}: "
+          + (f"{len(differences)} differences" if differences else "identical"))
+    return 1 if differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
