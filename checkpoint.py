@@ -1,4 +1,6 @@
-"""Everything the trainer writes to disk, and reads back.
+"""Everything the trainer writes to disk, and reads back: the run's records (training_config.yaml,
+logs/, metrics.jsonl), its checkpoints, their Hugging Face export and learning-dynamics captures,
+and their upload to the Hub.
 
 A checkpoint is a directory, checkpoints/step_N/, holding:
   config.json, model.safetensors   the Hugging Face Llama export: transformers loads it with no
@@ -16,13 +18,16 @@ leaves `latest` pointing at a complete checkpoint; a half-written one is a stray
 """
 
 import dataclasses
+import datetime
 import functools
 import json
+import logging
 import os
 import queue
 import random
 import re
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -557,6 +563,76 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# The run's records: training_config.yaml, logs/, metrics.jsonl -------------------------------
+
+class Records:
+    """What a run records, written by rank 0 alone: training_config.yaml (the resolved config, as
+    pico-analyze reads it), the log (stdout and logs/log_TIME.log), and metrics.jsonl, mirrored to
+    Weights & Biases with monitoring.save_to_wandb. The other ranks only log trouble, on stderr.
+    A resumed run replays the steps after its checkpoint: their old records are dropped first."""
+
+    def __init__(self, run_dir: Path, config, start_step: int):
+        self.metrics, self.wandb = (run_dir / "metrics.jsonl" if is_writer() else None), None
+        if self.metrics is None:
+            self.log = logging.getLogger(f"pico.rank{world()[1]}")
+            self.log.setLevel(logging.WARNING)
+            return
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "training_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        if self.metrics.exists():
+            kept = [line for line in self.metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
+        self.log = run_log(run_dir, config.monitoring.logging.log_level)
+        if config.monitoring.save_to_wandb:
+            self.wandb = self._start_wandb(config)
+
+    def _start_wandb(self, config):
+        """A wandb run whose id is the run name's, so a resumed run continues it; or None, with one
+        warning, where wandb is missing or cannot start (no network, no login): the run goes on."""
+        name, wandb_config = config.checkpointing.run_name, config.monitoring.wandb
+        try:
+            import wandb
+
+            return wandb.init(project=wandb_config.project or None, entity=wandb_config.entity or None,
+                              name=name, id="".join(c if c.isalnum() or c in "-_" else "-" for c in name),
+                              resume="allow", config=dataclasses.asdict(config),
+                              settings=wandb.Settings(init_timeout=60))
+        except ImportError:
+            why = "wandb is not installed (pip install wandb)"
+        except Exception as e:
+            why = f"wandb did not start ({_describe(e)})"
+        self.log.warning(f"monitoring.save_to_wandb: {why}; metrics go to metrics.jsonl only")
+
+    def write(self, record: dict):
+        """One record of metrics.jsonl: a JSON object with its "step"."""
+        if self.metrics is None:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def run_log(run_dir: Path, level: str) -> logging.Logger:
+    """The run's log: stdout, and a file of its own in logs/ for each start of the run."""
+    log = logging.getLogger("pico")
+    log.setLevel(level)
+    log.handlers.clear()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    for handler in (logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(run_dir / "logs" / f"log_{stamp}.log", encoding="utf-8")):
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    return log
 
 
 # Upload to the Hub ---------------------------------------------------------------------------

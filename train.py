@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.nn.parallel import DistributedDataParallel
@@ -60,7 +59,9 @@ def main(argv: list[str]) -> int:
                                run.start_step, max_steps, pin_memory=env.device.type == "cuda")
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
-    records = Records(config, env, run, model, shards, eval_rows)  # the run's first write
+    records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
+    log_start(records.log, config, env, run, model, shards, eval_rows)
+    progress = Progress(config, env, run, model, records)
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
     stop = StopSignals()
     accum = config.training.optimization.gradient_accumulation_steps
@@ -85,12 +86,12 @@ def main(argv: list[str]) -> int:
             done = step + 1  # optimizer steps completed: the model is now "at step `done`"
 
             if logging_step:
-                records.progress(done, loss, lr, grad_norm)
+                progress.log(done, loss, lr, grad_norm)
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
             stopping = checkpoint.any_rank(stop.received is not None, flags)
             if is_checkpoint_step(done, config) or stopping:
-                with records.paused():
+                with progress.paused():
                     saver.save(done, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
                     records.log.info(f"{stop.received or 'another rank was signalled'}: stopped at "
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> int:
         records.close()
         stop.restore()
         saver.close()
-    records.log.info(f"done: {max_steps} steps in {records.elapsed()}")
+    records.log.info(f"done: {max_steps} steps in {progress.elapsed()}")
     return 0
 
 
@@ -259,7 +260,7 @@ def already_done(config: Config, run: Run, env: Env) -> int:
         print(f"{run.dir}: already trained to step {run.start_step} (training.max_steps="
               f"{config.training.max_steps}); nothing to do")
         if config.checkpointing.save_to_hf and checkpoint.read_uploads(run.dir)["pending"]:
-            hub_uploader(config, run.dir, setup_logging(run.dir, config)).close()
+            hub_uploader(config, run.dir, checkpoint.run_log(run.dir, config.monitoring.logging.log_level)).close()
     return 0
 
 
@@ -365,59 +366,20 @@ def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
     return (torch.compile(model) if env.compile else model), None
 
 
-class Records:
-    """What the run records, written by rank 0 alone: its log (stdout and logs/), metrics.jsonl
-    and, with monitoring.save_to_wandb, the same records in Weights & Biases; each logging step's
-    loss, lr, gradient norm, tokens/s of training time alone, MFU and ETA. The other ranks only
-    report trouble, on stderr."""
+class Progress:
+    """Each logging step's record and line: the loss over the global batch, lr, gradient norm,
+    tokens/s of training time alone, MFU (of all the job's GPUs) and the time to the end."""
 
-    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, shards, eval_rows):
-        self.metrics, self.wandb = run.dir / "metrics.jsonl" if env.rank == 0 else None, None
-        self.max_steps, self.start_step = config.training.max_steps, run.start_step
+    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, records: checkpoint.Records):
+        self.records, self.max_steps, self.start_step = records, config.training.max_steps, run.start_step
         self.tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
-        peak = peak_flops(env.device) * env.world_size  # of all the job's GPUs
+        peak = peak_flops(env.device) * env.world_size
         self.mfu_per_token = model.flops_per_token(config.model.max_seq_len) / peak if peak else None
         self.t_start = self.t_log = time.perf_counter()
         self.steps_at_log = run.start_step
-        if self.metrics is None:
-            self.log = logging.getLogger(f"pico.rank{env.rank}")
-            self.log.setLevel(logging.WARNING)
-            return
-        (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run.dir / "training_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-        if self.metrics.exists():  # a resumed run replays the steps after its checkpoint: drop their records
-            kept = [line for line in self.metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= run.start_step]
-            checkpoint.write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
-        self.log = setup_logging(run.dir, config)
-        self.log.info(f"run {run.dir} | code {code_version()} | torch {torch.__version__} | device "
-                      f"{env.device} | precision {env.precision} | compile {env.compile}" + (
-                          f" | {env.world_size} processes, {config.training.distributed} over "
-                          f"{dist.get_backend()}" if dist.is_initialized() else ""))
-        self.log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
-                      f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
-                      f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
-                      f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
-                          f" | evaluation: {len(eval_rows):,} sequences" if eval_rows is not None else ""))
-        init_from = config.checkpointing.training.init_from
-        if run.resumed_from is not None:
-            self.log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
-                "; checkpointing.training.init_from ignored" if init_from else ""))
-        elif init_from is not None:
-            self.log.info(f"initial weights from {init_from} (checkpointing.training.init_from)")
-        if config.monitoring.save_to_wandb:
-            self.wandb = start_wandb(config, self.log)
 
-    def write(self, record: dict):
-        if self.metrics is None:
-            return
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def progress(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor):
-        """A logging step's record and line: the only place the loop waits for the device."""
+    def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor):
+        """The only place the loop waits for the device."""
         if dist.is_initialized():  # the mean over the global batch, not this rank's rows
             dist.all_reduce(loss)
             loss /= dist.get_world_size()
@@ -428,10 +390,10 @@ class Records:
                   "tokens_seen": done * self.tokens_per_step, "tokens_per_s": tokens_per_s}
         if self.mfu_per_token:
             record["mfu"] = self.mfu_per_token * tokens_per_s
-        self.write(record)
-        self.log.info(f"step {done}/{self.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                      f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else "")
-                      + f" | elapsed {self.elapsed()} | eta {datetime.timedelta(seconds=int(eta))}")
+        self.records.write(record)
+        self.records.log.info(f"step {done}/{self.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                              f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else "")
+                              + f" | elapsed {self.elapsed()} | eta {datetime.timedelta(seconds=int(eta))}")
         self.t_log, self.steps_at_log = now, done
 
     def elapsed(self) -> str:
@@ -444,10 +406,6 @@ class Records:
         yield
         self.t_log += time.perf_counter() - paused
 
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
 
 # Dense bf16 peaks from the vendors' datasheets, for MFU; the first name in the device's wins.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "A10G": 70e12,
@@ -459,44 +417,28 @@ def peak_flops(device: torch.device) -> float:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
 
 
-def setup_logging(run_dir: Path, config: Config) -> logging.Logger:
-    log = logging.getLogger("pico")
-    log.setLevel(config.monitoring.logging.log_level)
-    log.handlers.clear()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(run_dir / "logs" / f"log_{stamp}.log", encoding="utf-8")):
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-    return log
-
-
-def start_wandb(config: Config, log: logging.Logger):
-    """A wandb run whose id is the run name's, so a resumed run continues it; or None, with one
-    warning, where wandb is missing or cannot start (no network, no login): the run goes on."""
-    name, monitoring = config.checkpointing.run_name, config.monitoring
-    try:
-        import wandb
-
-        return wandb.init(project=monitoring.wandb.project or None, entity=monitoring.wandb.entity or None,
-                          name=name, id="".join(c if c.isalnum() or c in "-_" else "-" for c in name),
-                          resume="allow", config=dataclasses.asdict(config),
-                          settings=wandb.Settings(init_timeout=60))
-    except ImportError:
-        why = "wandb is not installed (pip install wandb)"
-    except Exception as e:
-        why = f"wandb did not start ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})"
-    log.warning(f"monitoring.save_to_wandb: {why}; metrics go to metrics.jsonl only")
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def log_start(log: logging.Logger, config: Config, env: Env, run: Run, model: PicoDecoder, shards, eval_rows):
+    """The run's first lines: what runs where, on what, from where."""
+    try:  # the commit of this code, so the run can be reproduced from its log
+        version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no git, or a fork without its history
+        version = "unknown"
+    log.info(f"run {run.dir} | code {version} | torch {torch.__version__} | device {env.device} | "
+             f"precision {env.precision} | compile {env.compile}" + (
+                 f" | {env.world_size} processes, {config.training.distributed} over {dist.get_backend()}"
+                 if dist.is_initialized() else ""))
+    log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
+             f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
+             f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
+             f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
+                 f" | evaluation: {len(eval_rows):,} sequences" if eval_rows is not None else ""))
+    init_from = config.checkpointing.training.init_from
+    if run.resumed_from is not None:
+        log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
+            "; checkpointing.training.init_from ignored" if init_from else ""))
+    elif init_from is not None:
+        log.info(f"initial weights from {init_from} (checkpointing.training.init_from)")
 
 
 class Checkpoints:
@@ -504,7 +446,7 @@ class Checkpoints:
     rank takes part; rank 0 writes. Under FSDP the three share one gather of the whole model."""
 
     def __init__(self, config: Config, env: Env, run: Run, model, optimizer, scheduler, eval_rows,
-                 ld_rows, records: Records):
+                 ld_rows, records: checkpoint.Records):
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.eval_rows, self.ld_rows = eval_rows, ld_rows
