@@ -580,7 +580,8 @@ class Records:
             self.log.setLevel(logging.WARNING)
             return
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "training_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+        (run_dir / "training_config.yaml").write_text(resolved)
         if self.metrics.exists():
             kept = [line for line in self.metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start_step]

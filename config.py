@@ -366,16 +366,20 @@ def validate(config: Config, world_size: int):
 
 
 def check_resume_compatible(config: Config, saved_path: Path):
-    """A run resumes only under the model shape and global batch of its training_config.yaml."""
+    """A run resumes only under the model shape and global batch of its training_config.yaml (read
+    as plain YAML, so a run saved by a pico with other config keys still resumes)."""
     try:
-        saved = load_config(str(saved_path), [])
-    except ConfigError as e:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{saved_path}: cannot be read ({e}); expected the config of the run "
                           f"being resumed") from None
-    pairs = [(f"model.{k}", v, getattr(config.model, k)) for k, v in dataclasses.asdict(saved.model).items()]
-    pairs.append(("data.dataloader.batch_size", saved.data.dataloader.batch_size,
-                  config.data.dataloader.batch_size))
-    differ = [f"{key} (run: {a!r}, new config: {b!r})" for key, a, b in pairs if a != b]
+    differ = []
+    for key in [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]:
+        old, new = saved, config
+        for part in key.split("."):
+            old, new = old.get(part) if isinstance(old, dict) else None, getattr(new, part)
+        if old != new:
+            differ.append(f"{key} (run: {old!r}, new config: {new!r})")
     if differ:
         raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
                           f"{'; '.join(differ)}; use another checkpointing.run_name")

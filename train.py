@@ -260,7 +260,8 @@ def already_done(config: Config, run: Run, env: Env) -> int:
         print(f"{run.dir}: already trained to step {run.start_step} (training.max_steps="
               f"{config.training.max_steps}); nothing to do")
         if config.checkpointing.save_to_hf and checkpoint.read_uploads(run.dir)["pending"]:
-            hub_uploader(config, run.dir, checkpoint.run_log(run.dir, config.monitoring.logging.log_level)).close()
+            log = checkpoint.run_log(run.dir, config.monitoring.logging.log_level)
+            hub_uploader(config, run.dir, log).close()
     return 0
 
 
@@ -391,9 +392,10 @@ class Progress:
         if self.mfu_per_token:
             record["mfu"] = self.mfu_per_token * tokens_per_s
         self.records.write(record)
+        mfu = f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""
         self.records.log.info(f"step {done}/{self.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                              f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else "")
-                              + f" | elapsed {self.elapsed()} | eta {datetime.timedelta(seconds=int(eta))}")
+                              f"{tokens_per_s:,.0f} tok/s{mfu} | elapsed {self.elapsed()} | "
+                              f"eta {datetime.timedelta(seconds=int(eta))}")
         self.t_log, self.steps_at_log = now, done
 
     def elapsed(self) -> str:
@@ -484,17 +486,17 @@ class Checkpoints:
 
     def evaluate_and_upload(self, done: int, whole: PicoDecoder | None = None):
         """What follows a saved checkpoint; each skips what an earlier start already did."""
-        out = self.dir / "eval_results" / f"step_{done}.json"
+        out, config = self.dir / "eval_results" / f"step_{done}.json", self.config
         if self.eval_rows is not None and not out.exists():
-            r = evaluate(whole or self.whole_model(), self.eval_rows, self.config.evaluation.paloma.batch_size,
-                         self.env.device, self.env.autocast, byte_level=self.config.data.tokenizer.name == "bytes")
+            r = evaluate(whole or self.whole_model(), self.eval_rows, config.evaluation.paloma.batch_size,
+                         self.env.device, self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
             if self.env.rank == 0:
                 out.parent.mkdir(exist_ok=True)
                 checkpoint.write_text_atomically(out, json.dumps({"paloma": r["perplexity"]}) + "\n")
                 self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
+                bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
                 self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
-                                      f"{r['loss']:.4f} | {r['tokens']:,} tokens" + (
-                                          f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""))
+                                      f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}")
         if self.uploader:  # in the background: the next step starts now
             self.uploader.submit(done)
 
