@@ -9,6 +9,7 @@ says what it accepts, checked by one generic check; `validate()` relates several
 import ast
 import contextlib
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -54,7 +55,7 @@ class DataConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seed: int = 0  # shuffles the embedded corpus once, when built; Parquet shards keep file order
+    seed: NonNegative = 0  # shuffles the embedded corpus once, when built; shards keep file order
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ class OptimizationConfig:
 class TrainingConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     max_steps: Positive = 200_000
-    seed: int = 42  # the model's initialisation; the data order depends on no seed
+    seed: NonNegative = 42  # the model's initialisation; the data order depends on no seed
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, else MPS, else CPU
     precision: Literal["auto", "bf16-mixed", "32"] = "auto"  # auto: bf16-mixed on CUDA, else 32
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
@@ -83,7 +84,8 @@ class TrainingConfig:
 
 @dataclass(slots=True)
 class TrainingCheckpointingConfig:
-    auto_resume: bool = True
+    auto_resume: bool = True  # False: a run directory that holds checkpoints is refused
+    start_over: bool = False  # move the run directory's checkpoints and records aside, start anew
     # A new run's first weights: a checkpoint PicoDecoder.from_pretrained reads (a resume ignores it)
     init_from: str | None = None
 
@@ -111,7 +113,7 @@ class LearningDynamicsCheckpointingConfig:
 
 @dataclass(slots=True)
 class CheckpointingConfig:
-    run_name: str | None = None  # None: a timestamp (which never resumes)
+    run_name: str | None = None  # a directory in runs_dir; None: a new name from the time
     runs_dir: str = "runs"
     save_every_n_steps: Positive = 1000
     # Pythia's extra early checkpoints, at steps 0, 1, 2, 4, ... up to this one (0: none)
@@ -248,8 +250,8 @@ def _conform(value, hint):
         return _NO if any(v is _NO for v in items) else items
     if isinstance(value, bool) and hint is not bool:
         return _NO  # True is an int to Python, never a number to a config
-    if hint is float and isinstance(value, int):
-        return float(value)
+    if hint is float and isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else _NO  # lr=1e999 is no learning rate
     return value if isinstance(value, hint) else _NO
 
 
@@ -341,7 +343,8 @@ def validate(config: Config, world_size: int):
     anything is built or written. A single key's type, choice or sign is its field's type."""
     opt, training, ld = config.training.optimization, config.training, config.checkpointing.learning_dynamics
     batch, per_step = config.data.dataloader.batch_size, world_size * opt.gradient_accumulation_steps
-    hf, cuda = config.checkpointing.hf_checkpoint, torch.cuda.is_available()
+    hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
+    cuda = torch.cuda.is_available()
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
          f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
@@ -355,6 +358,9 @@ def validate(config: Config, world_size: int):
         ("checkpointing.learning_dynamics.sequence_idx", ld.sequence_idx,
          -config.model.max_seq_len <= ld.sequence_idx < 1, "a position from the end of each row, "
          "-1 (the last) to -model.max_seq_len, or 0 (the first)"),
+        ("checkpointing.run_name", name, name is None or (0 < len(name.encode()) <= 200 and name not in (
+            ".", "..") and not set(name) & set("/\\\0")), "a name in runs_dir (no '/', not '..', 1-200 B)"),
+        ("training.seed", training.seed, training.seed < 2 ** 63, "a seed below 2**63"),
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_download
@@ -90,6 +91,15 @@ def read_footer(name: str, path, filesystem=None) -> pq.FileMetaData:
     return meta
 
 
+def read_column(name: str, read) -> pa.ChunkedArray:
+    """read(), the token column of a shard or row group; a damaged file is one line naming it."""
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{name}: cannot be read ({str(e).splitlines()[0] if str(e) else e}); "
+                        f"expected an intact Parquet file") from None
+
+
 def read_tokens(name: str, column: pa.ChunkedArray, vocab_size: int, min_len: int, max_len: int,
                 first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (int64, concatenated) and row offsets of a column of rows, checked: each row holds
@@ -97,6 +107,11 @@ def read_tokens(name: str, column: pa.ChunkedArray, vocab_size: int, min_len: in
     column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
         column = column.cast(pa.list_(column.type.value_type))
+    if column.null_count or column.flatten().null_count:  # a row, or an id in one, that is null
+        null_rows = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
+        null_ids = pc.list_parent_indices(column).filter(column.flatten().is_null()).to_numpy()
+        bad = first_row + int(min(null_rows.tolist() + null_ids.tolist()))
+        raise DataError(f"{name}: row {bad} holds a null; expected token ids only")
     offsets = column.offsets.to_numpy()
     lengths = np.diff(offsets)
     wrong = (lengths < min_len) | (lengths > max_len)
@@ -137,7 +152,8 @@ class ParquetShards:
     def _rows(self, group: tuple[int, int, int, int]) -> np.ndarray:
         if self._cached[0] != group:
             _, f, g, row = group  # row: the group's first row's index in its shard, for errors
-            column = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[COLUMN]).column(0)
+            column = read_column(self.names[f], lambda: pq.ParquetFile(self.files[f]).read_row_group(
+                g, columns=[COLUMN]).column(0))
             if self.row_len is None and len(column):
                 self.row_len = len(column[0])
             ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len, row)
@@ -351,6 +367,10 @@ def rank_slice(n: int, world_size: int, rank: int) -> slice:
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
+# The longest wait for a step's rows: a Hub shard (42M tokens of dolma) downloads well within it.
+READ_TIMEOUT = 900.0
+
+
 class BatchStream:
     """This rank's rows of each step from start_step on, read ahead in a background thread so
     the accelerator never waits on Parquet decoding. At most `prefetch` steps are held."""
@@ -385,10 +405,22 @@ class BatchStream:
                 return
 
     def __next__(self) -> torch.Tensor:
-        item = self.queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
+        return self.get()
+
+    def get(self, until=lambda: False, timeout: float = READ_TIMEOUT) -> torch.Tensor | None:
+        """The next step's rows; None as soon as until() holds (a stop signal), checked every
+        second, so waiting on a slow Hub never keeps a run from stopping. A reader that hands over
+        nothing for `timeout` seconds is stuck: an error, never a hang."""
+        for _ in range(max(1, int(timeout))):
+            if until():
+                return None
+            with contextlib.suppress(queue.Empty):
+                item = self.queue.get(timeout=1.0)
+                if isinstance(item, Exception):
+                    raise item
+                return item
+        raise DataError(f"no rows for the next step after {timeout:g} s: the data reader is stuck "
+                        f"(a Hub that stopped answering?); re-run the same command to resume")
 
     def close(self):
         self.stop.set()
@@ -412,7 +444,8 @@ def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = 
     Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
     read_footer(name, path)
-    ids, bounds = read_tokens(name, pq.read_table(path, columns=[COLUMN])[COLUMN], vocab_size, 2, max_row_len)
+    column = read_column(name, lambda: pq.read_table(path, columns=[COLUMN])[COLUMN])
+    ids, bounds = read_tokens(name, column, vocab_size, 2, max_row_len)
     return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -581,6 +614,10 @@ def main(argv=None):
     check.add_argument("--vocab-size", type=int, help="model.vocab_size: ids must be below it "
                        "(default: only checked to be non-negative)")
     args, overrides = parser.parse_known_args(argv)
+    for flag, low in (("step", 0), ("seed", 0), ("seq_len", 1), ("vocab_size", 1)):  # counts, positions
+        if getattr(args, flag, None) is not None and getattr(args, flag) < low:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a "
+                         f"{'non-negative' if low == 0 else 'positive'} integer")
     if args.command == "batch":
         print_batch(args.config, overrides, args.step, args.out)
     elif overrides:

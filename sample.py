@@ -25,6 +25,10 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag, value, low in (("--temperature", args.temperature, 0), ("--top-k", args.top_k, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value is not None and value < low:
+            parser.error(f"{flag} {value}: expected {low} or more")
 
     model = PicoDecoder.from_pretrained(args.checkpoint).eval()
     byte_level = model.config.vocab_size == data.BYTE_VOCAB_SIZE
@@ -34,8 +38,10 @@ def main(argv=None):
         try:
             prompt = [int(token) for token in args.prompt.split()]
         except ValueError:
-            sys.exit(f"error: --prompt {args.prompt!r}: this model's vocabulary is not bytes; "
-                     f"expected space-separated token ids")
+            prompt = []
+        if not prompt or not all(0 <= t < model.config.vocab_size for t in prompt):
+            sys.exit(f"error: --prompt {args.prompt!r}: this model's vocabulary is not bytes; expected "
+                     f"space-separated token ids in [0, {model.config.vocab_size})")
     torch.manual_seed(args.seed)
     out = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k)
     tokens = out[0].tolist()

@@ -300,14 +300,14 @@ evaluation.metrics = []
 checkpointing.learning_dynamics.eval_data = None
 """)
     consumed = []  # what the training loop took from the data stream, step by step
-    real_next = data.BatchStream.__next__
+    real_get = data.BatchStream.get
 
-    def recording_next(self):
-        batch = real_next(self)
+    def recording_get(self, *args, **kwargs):
+        batch = real_get(self, *args, **kwargs)
         consumed.append(batch.clone())
         return batch
 
-    monkeypatch.setattr(data.BatchStream, "__next__", recording_next)
+    monkeypatch.setattr(data.BatchStream, "get", recording_get)
     assert train.main([str(config)]) == 0
     assert len(consumed) == 5
     for step in (0, 3):
