@@ -17,19 +17,24 @@ It is written to a hidden temporary directory and renamed into place, and only t
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import random
 import re
 import shutil
+import socket
 import sys
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -449,6 +454,22 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
     learning_dynamics() returned, written as learning_dynamics/{split}_{kind}.pt."""
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
+    try:
+        _write_checkpoint(tmp, final, step, model, optimizer, scheduler, data_position, model_state,
+                          learning_dynamics)
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, most often
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
+        previous = latest_checkpoint(checkpoints_dir)
+        needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
+        raise CheckpointError(f"{tmp}: could not be written ({_describe(e)}); "
+                              f"{shutil.disk_usage(checkpoints_dir).free:,} bytes free, the last "
+                              f"checkpoint took {needed:,}: free space, then re-run to resume") from None
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, step: int, model, optimizer, scheduler, data_position: int,
+                      model_state: dict | None, learning_dynamics: dict | None):
+    checkpoints_dir = tmp.parent
     if is_writer():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         (tmp / "optimizer").mkdir(parents=True)
@@ -469,11 +490,12 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             for kind, tensors in states.items():
                 torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
         # fsync every file and directory, then write the manifest that makes the checkpoint complete
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        paths = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
         for path in sorted(tmp.rglob("*")):
             _fsync(path)
-        write_text_atomically(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        manifest = {"step": step, "files": {name: p.stat().st_size for name, p in paths.items()},
+                    "crc32": {name: _crc32(p) for name, p in paths.items()}}
+        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _fsync(tmp)
         # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
         old = checkpoints_dir / f".step_{step}.old"
@@ -482,21 +504,40 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        link_tmp = checkpoints_dir / "latest.tmp"
-        link_tmp.unlink(missing_ok=True)
-        link_tmp.symlink_to(final.name)
-        os.replace(link_tmp, checkpoints_dir / "latest")
-        _fsync(checkpoints_dir)
+        _point_latest(checkpoints_dir, final.name)
     barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
-    return final
+
+
+def _crc32(path: Path) -> str:
+    """A fast checksum (several GB/s) that finds damaged bytes a file's size cannot."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _point_latest(checkpoints_dir: Path, name: str):
+    """`latest` -> name, by the atomic rename of a new symlink; where the file system has no
+    symlinks, a file holding the name. A `latest` that a copy of the run directory turned into a
+    directory (cp -r, rsync without -l) is that copy of a checkpoint: it goes."""
+    latest, tmp = checkpoints_dir / "latest", checkpoints_dir / "latest.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(name)
+    except OSError:
+        tmp.write_text(name + "\n")
+    if latest.is_dir() and not latest.is_symlink():
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
+    _fsync(checkpoints_dir)
 
 
 def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
     """Delete the optimizer state, twice the model's size, from all but the newest `keep`
     checkpoints; their weights and learning dynamics stay. The manifest loses the files first,
     so a crash between the two leaves a complete checkpoint and stray files, never a broken one."""
-    steps = sorted((int(p.name[5:]), p) for p in checkpoints_dir.glob("step_*") if p.name[5:].isdigit())
-    for _, directory in steps[:-keep]:
+    for directory in step_directories(checkpoints_dir)[:-keep]:
         manifest = json.loads((directory / MANIFEST).read_text())
         kept = {name: size for name, size in manifest["files"].items() if not name.startswith("optimizer/")}
         if kept != manifest["files"]:
@@ -506,17 +547,40 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint a run resumes from: the one `latest` names (a symlink, or a file holding the
+    name). Without a usable `latest` (a copy of the run directory made it a directory, or it was
+    lost), the newest complete step_N: a run with checkpoints never starts over by accident."""
     link = checkpoints_dir / "latest"
-    return link.resolve() if link.is_symlink() else None
+    if link.is_symlink() or link.is_file():
+        named = checkpoints_dir / (os.readlink(link) if link.is_symlink() else link.read_text().strip())
+        if named.is_dir():
+            return named  # damaged or not: a damaged one is named when read, never skipped silently
+    steps = step_directories(checkpoints_dir)[::-1]
+    for step in steps:
+        with contextlib.suppress(CheckpointError):
+            check_complete(step, checksums=False)
+            return step
+    if steps:
+        raise CheckpointError(f"{checkpoints_dir}: no complete checkpoint among "
+                              f"{', '.join(p.name for p in steps)} and no usable latest; expected a "
+                              f"step_N with its {MANIFEST}")
+    return None
 
 
-def check_complete(directory: Path) -> dict:
-    """The manifest of a checkpoint, after checking every file it lists is there in full."""
+def step_directories(checkpoints_dir: Path) -> list[Path]:
+    """checkpoints/step_N, by N."""
+    steps = [p for p in checkpoints_dir.glob("step_*") if p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
+def check_complete(directory: Path, checksums: bool = True) -> dict:
+    """The manifest of a checkpoint, after checking every file it lists is there in full and, if
+    the manifest has their checksums (checkpoints from before it may not), unchanged."""
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        files, crcs = manifest["files"], manifest.get("crc32", {}) if checksums else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest_path}: incomplete checkpoint, manifest unreadable "
                               f"({_describe(e)})") from None
     for name, size in files.items():
@@ -525,6 +589,9 @@ def check_complete(directory: Path) -> dict:
         if actual != size:
             raise CheckpointError(f"{path}: expected {size} bytes, found "
                                   f"{'no file' if actual is None else f'{actual} bytes'}")
+        if name in crcs and _crc32(path) != crcs[name]:
+            raise CheckpointError(f"{path}: damaged (its crc32 is {_crc32(path)}, the manifest's "
+                                  f"{crcs[name]}); expected the bytes saved")
     return manifest
 
 
@@ -552,7 +619,8 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # the layout to read into
     try:
         _dcp(dcp.load, optimizer_state, directory / "optimizer")
-    except Exception as e:  # a damaged shard or a model that does not match
+    except (Exception, dcp.api.CheckpointException) as e:  # a damaged shard, another model; the
+        # latter is a BaseException, which `except Exception` would let through as a traceback
         raise CheckpointError(f"{directory / 'optimizer'}: cannot be read ({_describe(e)})") from None
     set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
@@ -582,9 +650,8 @@ class Records:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         (run_dir / "training_config.yaml").write_text(resolved)
-        if self.metrics.exists():
-            kept = [line for line in self.metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+        if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
+            kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= start_step]
             write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
         self.log = run_log(run_dir, config.monitoring.logging.log_level)
         if config.monitoring.save_to_wandb:
@@ -611,14 +678,68 @@ class Records:
         """One record of metrics.jsonl: a JSON object with its "step"."""
         if self.metrics is None:
             return
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json_line(record))  # one write: a crash leaves at most one partial line
+        except OSError as e:  # a full disk: one line, and the next start drops a partial record
+            raise CheckpointError(f"{self.metrics}: cannot be written ({e.strerror or _describe(e)}); "
+                                  f"free space, then re-run the same command to resume") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl record; infinity for a line that is no record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def json_line(record: dict) -> str:
+    """A record as one line of strict JSON, which has no number for a value that is not finite (a
+    diverged evaluation's perplexity): such a value is written as the string "Infinity", "NaN", ...
+    which Python's float() and JavaScript's Number() read back."""
+    def strict(value):
+        return value if not isinstance(value, float) or math.isfinite(value) else \
+            str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    return json.dumps({key: strict(value) for key, value in record.items()}, allow_nan=False) + "\n"
+
+
+def lock_run_directory(run_dir: Path, start_over: bool):
+    """The run directory, held by this job's rank 0 for its whole life: a second training on it is
+    refused, naming the holder. The kernel's lock (flock) goes with the process that holds it, so
+    one killed never blocks a resume. start_over: an earlier run's records and checkpoints move
+    aside, into previous_TIME/. Returns the open lock file, which must stay open."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise CheckpointError(f"checkpointing.runs_dir: cannot make {run_dir} "
+                              f"({e.strerror or _describe(e)}); expected a writable directory") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise CheckpointError(f"{run_dir}: in use by {holder}; expected one training per run "
+                              f"directory: wait for it, or use another checkpointing.run_name")
+    lock.seek(0)
+    lock.truncate()
+    since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+    lock.flush()
+    if start_over:
+        aside = run_dir / f"previous_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+        aside.mkdir()
+        for name in ("checkpoints", "eval_results", "logs", "metrics.jsonl", UPLOADS, "training_config.yaml"):
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, aside / name)
+    return lock
 
 
 def run_log(run_dir: Path, level: str) -> logging.Logger:
@@ -774,3 +895,35 @@ class HubUploader:
             except Exception:
                 if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
                     raise
+
+
+def verify(path: Path) -> int:
+    """Check every checkpoint of a run directory (or one checkpoint) against its manifest: each
+    file there, of its size, with its checksum. Prints one line per checkpoint; the number bad."""
+    path = Path(path)
+    directories = [path] if (path / MANIFEST).exists() else step_directories(path / "checkpoints")
+    if not directories:
+        raise CheckpointError(f"{path}: no checkpoint; expected a run directory or a checkpoint (step_N)")
+    bad = 0
+    for directory in directories:
+        try:
+            manifest = check_complete(directory)
+            print(f"{directory}: ok, {len(manifest['files'])} files" + (
+                "" if "crc32" in manifest else " (sizes only: saved before checksums)"))
+        except CheckpointError as e:
+            bad += 1
+            print(f"{directory}: {e}")
+    return bad
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check the checkpoints of a run against their manifests.")
+    parser.add_argument("command", choices=["verify"])
+    parser.add_argument("path", help="a run directory (runs/RUN) or one checkpoint (.../step_N)")
+    args = parser.parse_args()
+    try:
+        sys.exit(1 if verify(Path(args.path)) else 0)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -57,13 +58,15 @@ def main(argv: list[str]) -> int:
     flags = start_distributed(config, env)
     batches = data.BatchStream(shards, config.data.dataloader.batch_size, env.world_size, env.rank,
                                run.start_step, max_steps, pin_memory=env.device.type == "cuda")
+    if env.rank == 0:  # all read and checked, the first batch too: the run directory is now this job's
+        run.lock = checkpoint.lock_run_directory(run.dir, run.start_over)
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
     records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
     log_start(records.log, config, env, run, model, shards, eval_rows)
     progress = Progress(config, env, run, model, records)
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
-    stop = StopSignals()
+    stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
     model.train()
@@ -72,7 +75,14 @@ def main(argv: list[str]) -> int:
             saver.evaluate_and_upload(run.start_step)
         for step in range(run.start_step, max_steps):
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
-            batch = next(batches).to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
+            # (In one process a stop signal ends the wait; several keep in step through any_rank.)
+            rows = batches.get(until=lambda: env.world_size == 1 and stop.received is not None)
+            if rows is None:  # stopped while waiting for data: the steps done are saved
+                saver.save(step, batch, evaluate=False)
+                records.log.info(f"{stop.received}: stopped at step {step}; re-run the same command "
+                                 f"to resume")
+                return 0
+            batch = rows.to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
             if step == 0 and run.resumed_from is None and is_checkpoint_step(0, config):
                 saver.save(0, batch)  # the initialisation, captured on the first batch
 
@@ -85,12 +95,15 @@ def main(argv: list[str]) -> int:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1  # optimizer steps completed: the model is now "at step `done`"
 
+            finite.watch(done, loss, grad_norm)  # on the device: the loop does not wait for it
             if logging_step:
+                finite.check()
                 progress.log(done, loss, lr, grad_norm)
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
             stopping = checkpoint.any_rank(stop.received is not None, flags)
             if is_checkpoint_step(done, config) or stopping:
+                finite.check()  # never a checkpoint of weights a non-finite step made
                 with progress.paused():
                     saver.save(done, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
@@ -221,6 +234,8 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint resumed, read whole into `state`
     state: dict | None = None
     weights: dict | None = None  # the checkpoint's, or checkpointing.training.init_from's
+    start_over: bool = False  # move the directory's checkpoints and records aside first
+    lock: object = None  # rank 0's hold on the directory (checkpoint.lock_run_directory)
 
 
 def open_run(config: Config, env: Env) -> Run:
@@ -232,9 +247,15 @@ def open_run(config: Config, env: Env) -> Run:
         if env.world_size > 1:  # each rank would make its own timestamp
             raise ConfigError("checkpointing.run_name=None: expected a name when training in "
                               "several processes")
-        ckpt.run_name = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        # the time, and a random part: two runs started in the same second get two directories
+        ckpt.run_name = f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
     run = Run(Path(ckpt.runs_dir) / ckpt.run_name)
-    latest = checkpoint.latest_checkpoint(run.dir / "checkpoints") if ckpt.training.auto_resume else None
+    run.start_over = ckpt.training.start_over and (run.dir / "checkpoints").exists()  # moved aside later
+    latest = None if ckpt.training.start_over else checkpoint.latest_checkpoint(run.dir / "checkpoints")
+    if latest is not None and not ckpt.training.auto_resume:  # never two runs mixed in one directory
+        raise ConfigError(f"checkpointing.training.auto_resume=False: {run.dir} holds checkpoints "
+                          f"(up to {latest.name}); expected another checkpointing.run_name, or "
+                          f"checkpointing.training.start_over=True to move them aside and start over")
     if latest is not None:
         check_resume_compatible(config, run.dir / "training_config.yaml")
         run.state = checkpoint.read_checkpoint(latest, config.model)
@@ -279,10 +300,16 @@ def open_data(config: Config, env: Env) -> tuple:
     eval_rows = ld_rows = None
     if "paloma" in (config.evaluation.metrics or []):
         eval_rows = data.load_eval_set(paloma.dataset_name, paloma.dataset_split, seq_len + 1, vocab, seed)
+        if not eval_rows:
+            raise ConfigError(f"evaluation.paloma.dataset_name={paloma.dataset_name!r}: its "
+                              f"{paloma.dataset_split!r} split has no rows; expected an evaluation set")
     if ld.eval_data is not None:
         same = eval_rows is not None and (ld.eval_data, "val") == (paloma.dataset_name, paloma.dataset_split)
         ld_rows = eval_rows if same else data.load_eval_set(
             ld.eval_data, "val", seq_len + 1, vocab, seed, key="checkpointing.learning_dynamics.eval_data")
+        if not ld_rows:
+            raise ConfigError(f"checkpointing.learning_dynamics.eval_data={ld.eval_data!r}: its 'val' "
+                              f"split has no rows; expected rows to capture on, or None")
         shortest = min(len(row) - 1 for row in ld_rows)
         if ld.sequence_idx < -shortest:
             raise ConfigError(f"checkpointing.learning_dynamics.sequence_idx={ld.sequence_idx}: "
@@ -333,6 +360,11 @@ def build(config: Config, env: Env, run: Run) -> tuple:
     if run.state is not None:
         checkpoint.restore_checkpoint(run.resumed_from, run.state, model, optimizer, scheduler)
         run.state = None
+        # The schedule is the config's: a resumed run may lower the lr (after a divergence) or move
+        # max_steps; with the same config this computes the very numbers the checkpoint holds.
+        scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = opt.lr * lr_lambda(config)(scheduler.last_epoch)
     return model, step_model, wrapper, optimizer, scheduler
 
 
@@ -452,6 +484,7 @@ class Checkpoints:
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.eval_rows, self.ld_rows = eval_rows, ld_rows
+        self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
 
@@ -472,7 +505,9 @@ class Checkpoints:
     def save(self, done: int, train_batch: torch.Tensor, evaluate: bool = True):
         """Checkpoint `done` (optimizer steps completed), captured on the batch its last step
         trained on; then, unless the run is stopping, its evaluation and upload."""
-        whole, ckpt = self.whole_model(), self.config.checkpointing
+        if done == self.last_saved:
+            return
+        self.last_saved, whole, ckpt = done, self.whole_model(), self.config.checkpointing
         captures = checkpoint.learning_dynamics(whole, train_batch, self.ld_rows, ckpt.learning_dynamics,
                                                 self.env.device, self.env.autocast)
         path = checkpoint.save_checkpoint(self.dir / "checkpoints", done, self.model, self.optimizer,
@@ -492,7 +527,7 @@ class Checkpoints:
                          self.env.device, self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
             if self.env.rank == 0:
                 out.parent.mkdir(exist_ok=True)
-                checkpoint.write_text_atomically(out, json.dumps({"paloma": r["perplexity"]}) + "\n")
+                checkpoint.write_text_atomically(out, checkpoint.json_line({"paloma": r["perplexity"]}))
                 self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
                 bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
                 self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
@@ -533,7 +568,9 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
         dist.all_reduce(totals)
     nll, n_tokens, n_bytes = totals.tolist()
     mean_loss = nll / n_tokens
-    results = {"perplexity": math.exp(mean_loss), "loss": mean_loss, "tokens": int(n_tokens)}
+    # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
+    perplexity = math.exp(mean_loss) if mean_loss < 709 else math.inf
+    results = {"perplexity": perplexity, "loss": mean_loss, "tokens": int(n_tokens)}
     if byte_level:  # every token but the end-of-document id is one byte of text
         results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results
@@ -564,6 +601,31 @@ class StopSignals:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+class Diverged(Exception):
+    """A non-finite loss or gradient norm: the message names the step."""
+
+
+class FiniteCheck:
+    """A loss or gradient norm that is not finite stops the run, naming the first step it came
+    at, before any checkpoint of the weights it made is written. Each step's check stays on the
+    device (the loop never waits for it); it is read at logging steps and before checkpoints."""
+
+    def __init__(self, device: torch.device, flags):
+        self.first, self.flags = torch.full((), -1, dtype=torch.long, device=device), flags
+
+    def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None):
+        values = torch.stack([loss.float()] + ([grad_norm.float()] if grad_norm is not None else []))
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(values).all(), step, self.first)
+
+    def check(self):
+        first = int(self.first.item())
+        if checkpoint.any_rank(first >= 0, self.flags):  # every rank stops at the same step
+            where = f"at step {first}" if first >= 0 else "on another rank"
+            raise Diverged(f"the loss or gradient norm is not finite {where}; stopped before saving those "
+                           f"weights, checkpoints/latest is the last good checkpoint: resume with a lower "
+                           f"training.optimization.lr or a training.optimization.max_grad_norm")
+
+
 def report(error: Exception):
     """The one line a failed run ends with. Under torchrun every rank fails alike on a bad input
     found before training, and only local rank 0 says so; a failure during training is rank
@@ -580,7 +642,7 @@ def report(error: Exception):
 if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
-    except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+    except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged) as e:
         sys.exit(report(e))
     if dist.is_initialized():
         dist.destroy_process_group()
