@@ -37,6 +37,7 @@ class DatasetConfig:
     # A Hub dataset repo ("namespace/name[@revision]"), a directory of shards, "builtin:stdlib-bytes"
     name: str = "pico-lm/pretokenized-dolma"
     max_cached_shards: Positive = 2  # Hub shards kept on disk: the one read and the next ones
+    read_timeout: PositiveFloat = 30.0  # seconds the loop waits for a step's rows, then stops
 
 
 @dataclass(slots=True)

@@ -367,17 +367,14 @@ def rank_slice(n: int, world_size: int, rank: int) -> slice:
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-# The longest wait for a step's rows: a Hub shard (42M tokens of dolma) downloads well within it.
-READ_TIMEOUT = 900.0
-
-
 class BatchStream:
     """This rank's rows of each step from start_step on, read ahead in a background thread so
     the accelerator never waits on Parquet decoding. At most `prefetch` steps are held."""
 
     def __init__(self, shards: ParquetShards, global_batch: int, world_size: int, rank: int,
-                 start_step: int, end_step: int, pin_memory: bool = False, prefetch: int = 2):
-        self.shards, self.pin_memory = shards, pin_memory
+                 start_step: int, end_step: int, pin_memory: bool = False, prefetch: int = 2,
+                 timeout: float = 30.0):
+        self.shards, self.pin_memory, self.timeout = shards, pin_memory, timeout
         self.args = (global_batch, world_size, rank)
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
@@ -407,10 +404,11 @@ class BatchStream:
     def __next__(self) -> torch.Tensor:
         return self.get()
 
-    def get(self, until=lambda: False, timeout: float = READ_TIMEOUT) -> torch.Tensor | None:
+    def get(self, until=lambda: False, timeout: float | None = None) -> torch.Tensor | None:
         """The next step's rows; None as soon as until() holds (a stop signal), checked every
         second, so waiting on a slow Hub never keeps a run from stopping. A reader that hands over
-        nothing for `timeout` seconds is stuck: an error, never a hang."""
+        nothing for `timeout` seconds (data.dataset.read_timeout) is stuck: an error, not a hang."""
+        timeout = self.timeout if timeout is None else timeout
         for _ in range(max(1, int(timeout))):
             if until():
                 return None
@@ -419,8 +417,10 @@ class BatchStream:
                 if isinstance(item, Exception):
                     raise item
                 return item
-        raise DataError(f"no rows for the next step after {timeout:g} s: the data reader is stuck "
-                        f"(a Hub that stopped answering?); re-run the same command to resume")
+        source = getattr(self.shards, "name", None) or Path(self.shards.files[0]).parent
+        raise DataError(f"{source}: no rows for the next step after {timeout:g} s (data.dataset."
+                        f"read_timeout): the reader is stuck, on a Hub that stopped answering?; "
+                        f"re-run the same command to resume")
 
     def close(self):
         self.stop.set()

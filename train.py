@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
     flags = start_distributed(config, env)
     batches = data.BatchStream(shards, config.data.dataloader.batch_size, env.world_size, env.rank,
-                               run.start_step, max_steps, pin_memory=env.device.type == "cuda")
+                               run.start_step, max_steps, pin_memory=env.device.type == "cuda",
+                               timeout=config.data.dataset.read_timeout)
     if env.rank == 0:  # all read and checked, the first batch too: the run directory is now this job's
         run.lock = checkpoint.lock_run_directory(run.dir, run.start_over)
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)

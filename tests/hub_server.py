@@ -11,7 +11,8 @@ The write API is served too: create a repo or a branch, preupload (every file "r
 client sends it inline in the commit, base64), commit (NDJSON), and list a branch's commits. A
 commit is a new directory, its parent's files with the commit's written over them, in a temporary
 directory removed by stop(); its title is kept for list_repo_commits. `fail_commits = 500` makes
-every commit answer that status.
+every commit answer that status; `stalled.set()` makes every request wait, unanswered (a Hub
+that stopped answering), until stop().
 
 To add an endpoint: add a `(methods, pattern, handler name)` entry to Handler.ROUTES and a method
 that answers with `reply`.
@@ -64,6 +65,8 @@ class HubServer:
         self.commits: dict[str, Path] = {}  # commit sha -> the directory of its files
         self.history: dict[str, dict] = {}  # sha of a written commit -> title, message, date, parent
         self.fail_commits: int | None = None  # a status every commit is answered with (500, say)
+        self.stalled = threading.Event()  # set: every request is taken and never answered
+        self.released = threading.Event()  # set by stop(): the stalled requests end
         self.storage = Path(tempfile.mkdtemp(prefix="hub-server-"))  # written commits' files
         self.log: list[dict] = []  # method, host, path, query, range, authorization
         self.lock = threading.Lock()
@@ -114,6 +117,7 @@ class HubServer:
         return self
 
     def stop(self):
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         shutil.rmtree(self.storage, ignore_errors=True)
@@ -156,6 +160,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.hub
 
     def route(self, method: str):
+        if self.hub.stalled.is_set():  # a Hub that stopped answering: the connection stays open
+            self.hub.released.wait(600)
+            return
         url = urlsplit(self.path)
         with self.hub.lock:
             self.hub.log.append({"method": method, "host": self.headers.get("Host"),

@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tiny):
 
 class StuckShards:
     """Shards whose reads after the first never return: a Hub that stopped answering."""
-    num_rows, row_len = 10 ** 6, 5
+    num_rows, row_len, name = 10 ** 6, 5, "stuck/shards"
 
     def __init__(self):
         self.reads = 0
@@ -221,7 +222,7 @@ def test_a_stuck_data_reader_is_an_error_and_a_stop_signal_ends_the_wait(tiny):
     started = time.perf_counter()
     assert stream.get(until=lambda: time.perf_counter() - started > 1.5) is None
     assert time.perf_counter() - started < 4
-    with pytest.raises(data.DataError, match="no rows for the next step after 2 s"):
+    with pytest.raises(data.DataError, match="stuck/shards: no rows for the next step after 2 s"):
         stream.get(timeout=2)
     stream.close()
 
@@ -268,3 +269,40 @@ def test_bad_arguments_to_sample_and_data_are_one_error_line(tiny, tmp_path, scr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode != 0 and len(errors) == 1 and culprit in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def train_on_a_hub_that_stalls(hub, tmp_path, after: str):
+    """A run on the stand-in Hub (8 shards of 16 rows, one cached at a time), whose Hub stops
+    answering once the run has printed `after`; the run's process, and when the Hub stalled."""
+    from test_hub import REPO, TINY, write_repo
+
+    hub.add_repo(REPO, write_repo(tmp_path / "repo", n_shards=8))
+    config = tmp_path / "hub.py"
+    config.write_text(TINY.format(data=REPO, runs=str(tmp_path / "runs")))
+    proc = start(config, "--training.max_steps=16", "--data.dataset.max_cached_shards=1",
+                 "--checkpointing.save_every_n_steps=2")
+    for line in proc.stdout:
+        if after in line:
+            break
+    hub.stalled.set()
+    return proc, time.monotonic()
+
+
+def test_a_hub_that_stops_answering_mid_run_is_one_line_within_a_minute(hub, tmp_path):
+    proc, stalled = train_on_a_hub_that_stalls(hub, tmp_path, "step 4/16")
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and time.monotonic() - stalled < 60
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pico-test/tokens" in errors[0] and "Traceback" not in output, output
+    assert checkpoint.verify(tmp_path / "runs" / "run") == 0
+
+
+def test_sigterm_while_waiting_on_a_stalled_hub_saves_and_stops_within_seconds(hub, tmp_path):
+    proc, _ = train_on_a_hub_that_stalls(hub, tmp_path, "step 4/16")
+    time.sleep(2)  # the reader is now waiting on the Hub
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and time.monotonic() - signalled < 15, output
+    assert "SIGTERM: stopped at step" in output
+    assert checkpoint.verify(tmp_path / "runs" / "run") == 0
