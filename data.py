@@ -405,18 +405,20 @@ class BatchStream:
         return self.get()
 
     def get(self, until=lambda: False, timeout: float | None = None) -> torch.Tensor | None:
-        """The next step's rows; None as soon as until() holds (a stop signal), checked every
-        second, so waiting on a slow Hub never keeps a run from stopping. A reader that hands over
-        nothing for `timeout` seconds (data.dataset.read_timeout) is stuck: an error, not a hang."""
+        """The next step's rows, once they are there; else None as soon as until() holds (a stop
+        signal), checked every second, so waiting on a slow Hub never keeps a run from stopping.
+        Rows already read are always handed over, so the first step always gets its batch. A
+        reader that hands over nothing for `timeout` seconds (data.dataset.read_timeout) is stuck:
+        an error, not a hang."""
         timeout = self.timeout if timeout is None else timeout
         for _ in range(max(1, int(timeout))):
-            if until():
-                return None
             with contextlib.suppress(queue.Empty):
                 item = self.queue.get(timeout=1.0)
                 if isinstance(item, Exception):
                     raise item
                 return item
+            if until():
+                return None
         source = getattr(self.shards, "name", None) or Path(self.shards.files[0]).parent
         raise DataError(f"{source}: no rows for the next step after {timeout:g} s (data.dataset."
                         f"read_timeout): the reader is stuck, on a Hub that stopped answering?; "
