@@ -24,6 +24,15 @@ Scaling across processes: pico's training step with each process on its own batc
 --batch-size rows (weak scaling, as data parallelism is used), first in rank 0 alone with no
 wrapper, then in all N processes under DDP or FSDP as train.py sets them up, in the same run.
 efficiency = tokens/s of the N processes / (N x tokens/s of the one).
+
+    python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
+
+Memory per GPU for a suite size, under DDP and under FSDP over --gpus GPUs, with and without
+training.activation_checkpointing: the states from the parameter count (float32 weights,
+gradients, DDP's gradient buckets, AdamW's two moments), the activations a micro-batch keeps for
+the backward measured here (the bytes of every tensor autograd saves, under bf16 autocast, for
+models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks and --seq-len).
+Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
 """
 
 import argparse
@@ -222,6 +231,55 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
     print(f"| {step_s * 1e3:,.0f} ms | {capture_s * 1e3:,.0f} ms | {capture_s / (1000 * step_s):.2%} |")
 
 
+def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one row of `tokens` tokens (bf16
+    autocast, on the CPU), weights and their bf16 copies included."""
+    torch.manual_seed(0)
+    model = PicoDecoder(config)
+    model.checkpoint_blocks = checkpoint_blocks
+    kept = {}  # storage address: bytes; a tensor saved twice is counted once
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    ids = torch.randint(0, config.vocab_size, (1, tokens + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        model(ids[:, :-1], ids[:, 1:])
+    return sum(kept.values())
+
+
+def bench_memory(args):
+    gb = 1e9
+    full = ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len)
+    with torch.device("meta"):
+        params = PicoDecoder(full).num_params()
+    # float32 weights and gradients and AdamW's two moments (16 B per parameter), and under DDP its
+    # gradient buckets (4 more); FSDP shards all of it over the GPUs
+    ddp_states, fsdp_states = 20 * params / gb, 16 * params / gb / args.gpus
+    block_params = (params - 2 * full.vocab_size * full.d_model) / full.n_layers
+    # FSDP gathers bf16 weights: a block or two at a time, and the output layer, never resharded
+    fsdp_gathered = 2 * (2 * block_params + full.vocab_size * full.d_model) / gb
+    print(f"\npico-decoder-{args.model}: {params:,} parameters; micro-batch {args.micro_batch} x "
+          f"{args.seq_len} tokens per GPU; FSDP over {args.gpus} GPUs. GB per GPU:\n")
+    print("| activation checkpointing | activations | DDP, in all | FSDP, in all |")
+    print("|---|---:|---:|---:|")
+    for checkpoint_blocks in (False, True):
+        per_token = {}
+        for n_layers in (1, 2):
+            small = ModelConfig(**SUITE[args.model], max_seq_len=256, n_layers=n_layers)
+            short, long = (saved_bytes(small, t, checkpoint_blocks) for t in (128, 256))
+            per_token[n_layers] = (long - short) / 128  # the part that grows with the tokens: no weights
+        per_block = per_token[2] - per_token[1]
+        activations = (per_token[1] + (full.n_layers - 1) * per_block) * args.micro_batch * args.seq_len / gb
+        # Under autocast, DDP keeps each block's bf16 weight copies for the backward too.
+        copies = 0 if checkpoint_blocks else 2 * block_params * full.n_layers / gb
+        ddp = ddp_states + copies + activations
+        fsdp = fsdp_states + fsdp_gathered + activations
+        print(f"| {'on' if checkpoint_blocks else 'off'} | {activations:.1f} | {ddp:.1f} | {fsdp:.1f} |")
+    print(f"\nStates: DDP {ddp_states:.1f} GB, FSDP {fsdp_states:.2f} GB; FSDP's gathered bf16 weights "
+          f"{fsdp_gathered:.1f} GB.")
+
+
 def bench_scaling(args):
     """Under torchrun: tokens/s per process of one process alone and of all of them together."""
     config = Config()
@@ -282,7 +340,12 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="under torchrun: tokens/s of N processes against one (see above)")
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
+    parser.add_argument("--memory", action="store_true", help="memory per GPU under DDP and FSDP instead")
+    parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
+    parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU and micro-step")
     args = parser.parse_args()
+    if args.memory:
+        return bench_memory(args)
     if args.scaling:
         return bench_scaling(args)
     if args.data:

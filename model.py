@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ SUITE = {
     "small": dict(d_model=384, activation_hidden_dim=1536),
     "medium": dict(d_model=768, activation_hidden_dim=3072),
     "large": dict(d_model=1536, activation_hidden_dim=6144),
+    "xl": dict(d_model=2304, activation_hidden_dim=9216),  # 1.17B: the 1B end of the range
 }
 
 
@@ -188,6 +190,7 @@ class PicoDecoder(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # training.activation_checkpointing
 
     def forward(self, input_ids, labels=None, *, kv_cache: KVCache | None = None):
         """logits [B, T, vocab], and the mean cross-entropy against labels (no shift here:
@@ -198,11 +201,14 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
                              f"{self.config.max_seq_len}")
         # .float(): the tables stay float32 even if someone calls model.bfloat16()
-        cos = self.rope_cos[start:start + T].float()
-        sin = self.rope_sin[start:start + T].float()
+        cos, sin = (table[start:start + T].float() for table in (self.rope_cos, self.rope_sin))
         x = self.embedding_proj(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache, i)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # Keep only the block's input, recompute the rest in the backward: same numbers
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache, i)
         logits = self.de_embedding_proj(self.output_norm(x))
         return logits, None if labels is None else self.next_token_loss(logits, labels)
 

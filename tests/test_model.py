@@ -78,7 +78,8 @@ def test_forward_longer_than_max_seq_len_raises_value_error():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size, expected", [("tiny", 11_282_784), ("small", 64_595_328),
-                                            ("medium", 181_095_168), ("large", 569_808_384)])
+                                            ("medium", 181_095_168), ("large", 569_808_384),
+                                            ("xl", 1_166_139_648)])
 def test_suite_sizes_have_pico_train_parameter_counts(size, expected):
     with torch.device("meta"):  # shapes only, no memory
         model = PicoDecoder(ModelConfig(**pico.SUITE[size]))
@@ -234,6 +235,40 @@ def test_compiles_to_one_graph_with_the_eager_loss_and_gradients():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], msg=name)
     torch._dynamo.reset()
+
+
+def loss_and_gradients(model: PicoDecoder, ids, labels, compiled: bool = False):
+    _, loss = (torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model)(ids, labels)
+    loss.backward()
+    gradients = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), gradients
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(compiled):
+    torch._dynamo.reset()
+    model = tiny_model().train()
+    ids, labels = token_ids(2, 16), token_ids(2, 16, seed=2)
+    loss, gradients = loss_and_gradients(model, ids, labels)
+    model.checkpoint_blocks = True
+    runs = []  # eager: a block runs again in the backward, which is the memory saved
+    if not compiled:
+        model.layers[0].register_forward_pre_hook(lambda *_: runs.append(1))
+    recomputed_loss, recomputed = loss_and_gradients(model, ids, labels, compiled)
+    assert torch.equal(recomputed_loss, loss)
+    for name in gradients:
+        torch.testing.assert_close(recomputed[name], gradients[name], rtol=0, atol=0, msg=name)
+    assert len(runs) == (0 if compiled else 2)
+    torch._dynamo.reset()
+
+
+def test_activation_checkpointing_is_off_without_gradients():
+    model = tiny_model()
+    model.checkpoint_blocks = True
+    with torch.no_grad():
+        logits, _ = model(token_ids(1, 8))
+    torch.testing.assert_close(logits, tiny_model()(token_ids(1, 8))[0].detach())
 
 
 # ---------------------------------------------------------------------------------------------
