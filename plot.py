@@ -1,0 +1,93 @@
+"""The curves a researcher looks at first, from a run directory, in one PNG.
+
+    python plot.py runs/RUN [--out runs/RUN/curves.png]
+
+Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and draws, each where
+the run recorded it: the training loss with the evaluation loss, the evaluation perplexity, the
+learning rate, the gradient norm and the throughput. Needs matplotlib, an optional extra:
+pip install matplotlib.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...] in step order} of every number metrics.jsonl holds."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file; expected a run directory (runs/RUN)")
+    by_step: dict[tuple[str, int], float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line a crash cut short; the trainer drops it on resume
+            continue
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_step[key, record["step"]] = float(value)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for (key, step), value in sorted(by_step.items(), key=lambda item: item[0][1]):
+        series.setdefault(key, []).append((step, value))
+    return series
+
+
+def panels(series: dict) -> list[tuple[str, list[str], bool]]:
+    """(title, keys, log y axis) of each panel the run has data for."""
+    found = [("loss", ["loss", "paloma_loss"], False),
+             ("evaluation perplexity", ["paloma_perplexity"], True),
+             ("learning rate", ["lr"], False),
+             ("gradient norm", ["grad_norm"], True),
+             ("tokens/s", ["tokens_per_s"], False)]
+    return [(title, [key for key in keys if key in series], log) for title, keys, log in found
+            if any(key in series for key in keys)]
+
+
+def plot(run_dir: Path, out: Path):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plot.py needs matplotlib, an optional extra: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed on a cluster node
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(run_dir)
+    shown = panels(series)
+    if not shown:
+        raise SystemExit(f"error: {run_dir / 'metrics.jsonl'}: no records to plot yet")
+    columns = 2
+    rows = math.ceil(len(shown) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
+    for ax, (title, keys, log) in zip(axes.flat, shown):
+        for key in keys:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None, linewidth=1)
+        if log and all(v > 0 for key in keys for _, v in series[key] if math.isfinite(v)):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=6, ncol=2 if len(keys) > 8 else 1)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    figure.suptitle(run_dir.resolve().name)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory, runs/RUN")
+    parser.add_argument("--out", type=Path, help="the PNG to write (default: RUN/curves.png)")
+    args = parser.parse_args(argv)
+    out = args.out or args.run_dir / "curves.png"
+    plot(args.run_dir, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

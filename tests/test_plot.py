@@ -1,0 +1,43 @@
+"""plot.py: a run directory's curves in one PNG."""
+
+import json
+import sys
+
+import pytest
+
+import plot
+
+
+def write_run(run_dir, records, tail=""):
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_plots_the_curves_a_run_recorded(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4}
+               for s in range(1, 20)] + [{"step": 10, "paloma_perplexity": 30.0, "paloma_loss": 3.4}]
+    write_run(run, records, tail='{"step": 20, "lo')  # a line a crash cut short is skipped
+    plot.main([str(run)])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [title for title, _, _ in plot.panels(plot.read_metrics(run))] == [
+        "loss", "evaluation perplexity", "learning rate", "gradient norm", "tokens/s"]
+
+
+def test_a_resumed_run_plots_each_step_once_with_its_last_record(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}, {"step": 2, "loss": 7.0}])
+    assert plot.read_metrics(run)["loss"] == [(1, 9.0), (2, 7.0)]
+
+
+def test_a_directory_without_metrics_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^error: .*metrics.jsonl: no such file; expected a run directory"):
+        plot.main([str(tmp_path)])
+
+
+def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, monkeypatch):
+    write_run(tmp_path / "run", [{"step": 1, "loss": 9.0}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit, match=r"^error: plot.py needs matplotlib.*pip install matplotlib$"):
+        plot.main([str(tmp_path / "run")])
