@@ -7,10 +7,10 @@ says what it accepts, checked by one generic check; `validate()` relates several
 """
 
 import ast
-import contextlib
 import dataclasses
 import math
 import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +34,7 @@ PositiveFloat, NonNegativeFloat = Annotated[float, "positive"], Annotated[float,
 # Each section is a dataclass with slots, so a misspelled field is an error (README: every field).
 @dataclass(slots=True)
 class DatasetConfig:
-    # A Hub dataset repo ("namespace/name[@revision]"), a directory of shards, "builtin:stdlib-bytes"
-    name: str = "pico-lm/pretokenized-dolma"
+    name: str = "pico-lm/pretokenized-dolma"  # a Hub repo[@revision], a directory, "builtin:stdlib-bytes"
     max_cached_shards: Positive = 2  # Hub shards kept on disk: the one read and the next ones
     read_timeout: PositiveFloat = 30.0  # seconds the loop waits for a step's rows, then stops
 
@@ -87,8 +86,7 @@ class TrainingConfig:
 class TrainingCheckpointingConfig:
     auto_resume: bool = True  # False: a run directory that holds checkpoints is refused
     start_over: bool = False  # move the run directory's checkpoints and records aside, start anew
-    # A new run's first weights: a checkpoint PicoDecoder.from_pretrained reads (a resume ignores it)
-    init_from: str | None = None
+    init_from: str | None = None  # a new run's first weights, any from_pretrained format; resume ignores it
 
 
 @dataclass(slots=True)
@@ -101,8 +99,7 @@ class HuggingFaceCheckpointingConfig:
 
 @dataclass(slots=True)
 class LearningDynamicsCheckpointingConfig:
-    # Modules captured in every layer, by the end of their names (see model.py)
-    layer_suffixes: list[str] = field(
+    layer_suffixes: list[str] = field(  # modules captured in every layer, by their names' ends (model.py)
         default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
     layers: list[int] | None = None  # None: every layer
     sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
@@ -117,10 +114,8 @@ class CheckpointingConfig:
     run_name: str | None = None  # a directory in runs_dir; None: a new name from the time
     runs_dir: str = "runs"
     save_every_n_steps: Positive = 1000
-    # Pythia's extra early checkpoints, at steps 0, 1, 2, 4, ... up to this one (0: none)
-    log_spaced_until: NonNegative = 512
-    # The optimizer state (twice the model) only in the newest N checkpoints (None: in all)
-    keep_last_n_optimizer_states: Positive | None = None
+    log_spaced_until: NonNegative = 512  # Pythia's early checkpoints: steps 0, 1, 2, 4, ... up to it; 0: none
+    keep_last_n_optimizer_states: Positive | None = None  # optimizer state (2x model) in newest N; None: all
     save_to_hf: bool = False
     hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
     training: TrainingCheckpointingConfig = field(default_factory=TrainingCheckpointingConfig)
@@ -187,14 +182,13 @@ PICO_TRAIN_ONLY = {
 
 def _lookup(config: Config, key: str) -> tuple[object, str]:
     """(the section holding a dotted key, its last name); an error names the first unknown part."""
-    section, walked = config, []
-    for part in key.split("."):
+    section, parts = config, key.split(".")
+    for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(section):
-            raise ConfigError(f"{'.'.join(walked)} is a value, not a config section")
+            raise ConfigError(f"{'.'.join(parts[:i])} is a value, not a config section")
         names = [f.name for f in dataclasses.fields(section)]
-        walked.append(part)
         if part not in names:
-            raise ConfigError(f"{'.'.join(walked)} is not a config key; expected one of "
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a config key; expected one of "
                               f"{', '.join(names)}")
         holder, section = section, getattr(section, part)
     return holder, part
@@ -203,8 +197,7 @@ def _lookup(config: Config, key: str) -> tuple[object, str]:
 def set_key(config: Config, key: str, value, source: str):
     """Set a dotted key (training.optimization.lr) to value: the one way a config file, a YAML or
     an override writes the config. A mapping given to a section sets its keys."""
-    ignored = next((k for k in PICO_TRAIN_ONLY if key == k or key.startswith(k + ".")), None)
-    if ignored:
+    if ignored := next((k for k in PICO_TRAIN_ONLY if key == k or key.startswith(k + ".")), None):
         print(f"warning: {source}: {ignored} ignored: {PICO_TRAIN_ONLY[ignored]}", file=sys.stderr)
         return
     holder, name = _lookup(config, key)
@@ -290,40 +283,25 @@ def parse_override(arg: str, config: Config):
         raise ConfigError("expected --section.key=value")
     key, text = arg[2:].split("=", 1)
     holder, name = _lookup(config, key)
+    hint = typing.get_type_hints(type(holder), include_extras=True)[name]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    hint = typing.get_type_hints(type(holder), include_extras=True)[name]
-    set_key(config, key, text if _conform(value, hint) is _NO and _conform(text, hint) is not _NO
-            else value, arg)
-
-
-@contextlib.contextmanager
-def _named(source: str):
-    """Errors in what `source` (a file, an argument) set, named by it."""
-    try:
-        yield
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    set_key(config, key, next((v for v in (value, text) if _conform(v, hint) is not _NO), value), arg)
 
 
 def load_config(path: str, overrides: list[str]) -> Config:
-    """The config of a run: defaults, then the file (Python or pico-train YAML), then overrides."""
-    config, source = Config(), Path(path)
+    """The config of a run: defaults, then the file (Python or pico-train YAML), then overrides.
+    An error is named by what set the key: the file (a Python file's line too) or the override."""
+    config, source, where = Config(), Path(path), path
     if not source.is_file() or source.suffix not in (".py", ".yaml", ".yml"):
         raise ConfigError(f"config file {path}: expected an existing configs/*.py or YAML file")
-    if source.suffix == ".py":
-        namespace = {f.name: _Section(config, f.name, path) for f in dataclasses.fields(config)}
-        try:
+    try:
+        if source.suffix == ".py":
+            namespace = {f.name: _Section(config, f.name, path) for f in dataclasses.fields(config)}
             exec(compile(source.read_text(), str(source), "exec"), namespace)
-        except ConfigError as e:
-            line = e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?"
-            raise ConfigError(f"{path}, line {line}: {e}") from None
-        except Exception as e:
-            raise ConfigError(f"{path}: {e.__class__.__name__}: {e}") from None
-    else:
-        with _named(path):
+        else:
             try:
                 values = yaml.safe_load(source.read_text()) or {}
             except yaml.YAMLError as e:
@@ -332,9 +310,13 @@ def load_config(path: str, overrides: list[str]) -> Config:
                 raise ConfigError(f"expected a mapping of config sections, got {values!r}")
             for name, value in values.items():
                 set_key(config, str(name), value, path)
-    for arg in overrides:
-        with _named(arg):
-            parse_override(arg, config)
+        for where in overrides:
+            parse_override(where, config)
+    except ConfigError as e:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(source)]
+        raise ConfigError(f"{where}{f', line {lines[0]}' if lines else ''}: {e}") from None
+    except Exception as e:  # a Python config file's own error, such as a NameError
+        raise ConfigError(f"{path}: {e.__class__.__name__}: {e}") from None
     check_types(config)
     return config
 
