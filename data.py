@@ -6,16 +6,14 @@ Every row is max_seq_len + 1 token ids in the column `input_ids`.
 
 The sample at global position p = step * global_batch + i is the same for every model size,
 world size and accumulation setting, and a run's data position is a function of its step alone.
-How a process takes its part of each global batch (see `rank_rows`): rank r of W holds the
-contiguous block of rows [r * G/W, (r+1) * G/W) of the global batch of G rows, and splits it
-into gradient_accumulation_steps micro-batches, in order. So concatenating the ranks' blocks in
-rank order gives back the global batch in data order, which is how captures are gathered.
+Of the global batch of G rows, rank r of W holds the contiguous block [r * G/W, (r+1) * G/W)
+(`rank_rows`) and splits it into gradient_accumulation_steps micro-batches, in order; so the
+ranks' blocks concatenated in rank order are the global batch in data order (how captures gather).
 
-The shards come from a local directory or from a dataset repo on the Hugging Face Hub (`HubShards`:
-downloaded one at a time, the next in the background, at most a few kept on disk).
-
-Also here: the embedded corpus of the offline demo (`python data.py prepare-local`), and
-`python data.py verify PATH_OR_REPO`, which checks every shard and counts rows and tokens.
+The shards come from a local directory or a dataset repo on the Hugging Face Hub (`HubShards`:
+downloaded one at a time, the next in the background, at most a few kept on disk). Also here:
+the offline demo's embedded corpus (`python data.py prepare-local`), and `python data.py verify
+PATH_OR_REPO`, which checks every shard and counts rows and tokens.
 """
 
 import argparse
@@ -60,14 +58,14 @@ class DataError(Exception):
     """Bad data: the message names the file and what was expected."""
 
 
-def list_shards(directory: Path) -> list[Path]:
+def list_shards(directory: Path, key: str = "data.dataset.name") -> list[Path]:
+    """The Parquet files of a local directory, in data order; errors name the config key."""
     if not directory.is_dir():
-        raise DataError(f"data.dataset.name: directory {directory} does not exist; expected a "
-                        f"directory of Parquet shards, a Hub dataset repo (namespace/name[@revision]) "
-                        f"or {EMBEDDED_CORPUS!r}")
+        raise DataError(f"{key}: directory {directory} does not exist; expected a directory of Parquet "
+                        f"shards, a Hub dataset repo (namespace/name[@revision]) or {EMBEDDED_CORPUS!r}")
     files = sorted(directory.rglob("*.parquet"))
     if not files:
-        raise DataError(f"data.dataset.name: {directory} holds no .parquet files")
+        raise DataError(f"{key}: {directory} holds no .parquet files")
     return files
 
 
@@ -128,13 +126,10 @@ def read_tokens(name: str, column: pa.ChunkedArray, vocab_size: int, min_len: in
 
 
 class ParquetShards:
-    """Random access by global row position over an ordered list of Parquet shards.
-
-    Only the footers are read up front (row counts and schema); rows are read one row group at
-    a time, checked when read, and only the current row group is kept in memory. row_len None
-    (`data.py verify`) takes the length of the first row read as the one every row must have.
-    Errors name each file by its path, or by `names` (HubShards: its address on the Hub).
-    """
+    """Random access by global row position over an ordered list of Parquet shards. Only the
+    footers are read up front; rows are read and checked one row group at a time, and only the
+    current one is kept in memory. row_len None (`data.py verify`): the first row's length holds
+    for all. Errors name each file by its path, or by `names` (HubShards: its Hub address)."""
 
     def __init__(self, files: list[Path], row_len: int | None, vocab_size: int,
                  names: list[str] | None = None):
@@ -201,23 +196,19 @@ class HubShards:
     """The Parquet shards of a dataset repo on the Hugging Face Hub, read like ParquetShards.
 
     Position -> shard: a resumed run must not download the shards before its position, so every
-    shard but the last is taken to hold as many rows R as the first (pretokenized-dolma: 20,480),
-    and position p is row p % R of shard p // R. R comes from the first shard's Parquet footer,
-    read with HTTP range requests (64 KB, no download), and is cached with the file listing of
-    the commit. Each shard's row count is checked when it is opened: one that breaks the
-    assumption is an error naming it, before any of its rows is used.
+    shard but the last is taken to hold as many rows R as the first (pretokenized-dolma: 20,480):
+    position p is row p % R of shard p // R (R: see `_index`). A shard that breaks this is an
+    error naming it when it is opened, before any of its rows is used.
 
     Shards are downloaded with hf_hub_download into the Hugging Face cache (so HF_HUB_OFFLINE=1
-    reads them from there) when first needed, and the next max_cached_shards - 1 in background
-    threads while the current one is read. At most max_cached_shards of this repo's shards stay on
-    disk: older ones are deleted (but never offline, where the cache is the only copy). So two runs
-    that share a cache and read the same dataset at different positions delete each other's
-    shards: give them separate HF_HUB_CACHE directories.
+    reads them from there) when first needed, the next max_cached_shards - 1 in background threads.
+    At most max_cached_shards of this repo's shards stay on disk; older ones are deleted (never
+    offline, where the cache is the only copy). So two runs that share a cache and read the same
+    dataset at different positions delete each other's shards: give them separate HF_HUB_CACHE.
 
-    shared: the processes of one torchrun job share their node's cache and read the same shards,
-    each a few steps ahead of or behind the others. Each then also keeps the shard before its own
-    and the one after the ones it keeps, which another process may still be reading or may have
-    just downloaded: at most max_cached_shards + 2 per node.
+    shared: one torchrun job's processes share their node's cache, each a few steps ahead of or
+    behind the others, so each also keeps the shard before its own and the one after those it
+    keeps, which another may be reading or have just downloaded: max_cached_shards + 2 per node.
     """
 
     def __init__(self, repo_id: str, revision: str, row_len: int | None, vocab_size: int,
@@ -265,8 +256,9 @@ class HubShards:
         raise DataError(without_token(message))
 
     def _index(self, path: Path) -> dict:
-        """The commit's shards and R, cached at `path` for good (a commit never changes), also offline.
-        HfFileSystem's listing caches the sizes, so pyarrow reads the footer by range requests (64 KB)."""
+        """The commit's shards and R (the first shard's row count), cached at `path` for good (a commit
+        never changes), also offline. HfFileSystem's listing caches the sizes, so pyarrow reads the
+        footer by HTTP range requests (64 KB), with no download."""
         with contextlib.suppress(OSError, ValueError):
             return json.loads(path.read_text())
         fs = HfFileSystem(skip_instance_cache=True, block_size=1 << 16)  # cached ones keep old listings
@@ -487,10 +479,7 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
                 for row in read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))]
     else:
         directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
-        if not Path(name).is_dir():
-            raise DataError(f"{key}: directory {name} does not exist; "
-                            f"expected a directory of Parquet shards or {EMBEDDED_CORPUS!r}")
-    return [row for path in list_shards(directory) for row in read_rows(path, max_row_len, vocab_size)]
+    return [row for path in list_shards(directory, key) for row in read_rows(path, max_row_len, vocab_size)]
 
 
 # The embedded corpus: the offline demo's data, built from this Python's standard library -------
