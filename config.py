@@ -55,7 +55,8 @@ class DataConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seed: NonNegative = 0  # shuffles the embedded corpus once, when built; shards keep file order
+    seed: NonNegative = 0  # shuffles the embedded corpus once, when built
+    order_seed: NonNegative = 0  # the order of the rows; 0: the dataset's own (see data.py)
 
 
 @dataclass(slots=True)
@@ -73,13 +74,14 @@ class OptimizationConfig:
 class TrainingConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     max_steps: Positive = 200_000
-    seed: NonNegative = 42  # the model's initialisation; the data order depends on no seed
+    seed: NonNegative = 42  # the model's initialisation; the data order's is data.order_seed
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, else MPS, else CPU
     precision: Literal["auto", "bf16-mixed", "32"] = "auto"  # auto: bf16-mixed on CUDA, else 32
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; see train.py's parallelize
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # FSDP: gather each block again for its backward
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class HuggingFaceCheckpointingConfig:
     collection_slug: str | None = None
     upload_attempts: Positive = 5  # tries of a failed upload; then it waits for the next start
     upload_retry_delay: NonNegativeFloat = 10.0  # seconds before the second try, doubling after
+    upload_optimizer: bool = False  # the optimizer and training state too, so the Hub copy resumes
 
 
 @dataclass(slots=True)
@@ -355,18 +358,21 @@ def validate(config: Config, world_size: int):
 
 
 def check_resume_compatible(config: Config, saved_path: Path):
-    """A run resumes only under the model shape and global batch of its training_config.yaml (read
-    as plain YAML, so a run saved by a pico with other config keys still resumes)."""
+    """A run resumes only under the model shape, global batch and data order of its
+    training_config.yaml (read as plain YAML, so a run saved by a pico with other config keys
+    still resumes; one saved before data.order_seed existed had order 0)."""
     try:
         saved = yaml.safe_load(saved_path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{saved_path}: cannot be read ({e}); expected the config of the run "
                           f"being resumed") from None
     differ = []
-    for key in [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]:
+    keys = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]
+    for key in keys + ["data.order_seed"]:
         old, new = saved, config
         for part in key.split("."):
             old, new = old.get(part) if isinstance(old, dict) else None, getattr(new, part)
+        old = 0 if key == "data.order_seed" and old is None else old
         if old != new:
             differ.append(f"{key} (run: {old!r}, new config: {new!r})")
     if differ:

@@ -28,6 +28,7 @@ import shutil
 import sys
 import sysconfig
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_download
+from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import silent_tqdm
@@ -132,17 +133,26 @@ class ParquetShards:
     for all. Errors name each file by its path, or by `names` (HubShards: its Hub address)."""
 
     def __init__(self, files: list[Path], row_len: int | None, vocab_size: int,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, order_seed: int = 0):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
         self.names = names or [str(path) for path in files]
+        self.order_seed = order_seed
         self.groups = []  # in data order: (global position of its first row, shard, row group, row in shard)
         self.num_rows = 0
         for f, (path, name) in enumerate(zip(files, self.names)):
-            meta, shard_start = read_footer(name, path), self.num_rows
-            for g in range(meta.num_row_groups):
-                self.groups.append((self.num_rows, f, g, self.num_rows - shard_start))
-                self.num_rows += meta.row_group(g).num_rows
+            meta = read_footer(name, path)
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            firsts = np.cumsum([0] + sizes[:-1]).tolist()  # each group's first row in the shard
+            order = self._shuffle(path).permutation(len(sizes)) if order_seed else range(len(sizes))
+            for g in order:
+                self.groups.append((self.num_rows, f, int(g), firsts[g]))
+                self.num_rows += sizes[g]
         self._cached = (None, None)  # (group, its rows)
+
+    def _shuffle(self, path, *group: int) -> np.random.Generator:
+        """data.order_seed's generator for a shard (or one of its row groups), keyed by the shard's
+        file name rather than its place, so a local copy and the Hub give the same order."""
+        return np.random.default_rng([self.order_seed, zlib.crc32(Path(path).name.encode()), *group])
 
     def _rows(self, group: tuple[int, int, int, int]) -> np.ndarray:
         if self._cached[0] != group:
@@ -152,7 +162,10 @@ class ParquetShards:
             if self.row_len is None and len(column):
                 self.row_len = len(column[0])
             ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len, row)
-            self._cached = (group, ids.reshape(-1, self.row_len))
+            ids = ids.reshape(-1, self.row_len)
+            if self.order_seed:
+                ids = ids[self._shuffle(self.files[f], g).permutation(len(ids))]
+            self._cached = (group, ids)
         return self._cached[1]
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -212,7 +225,8 @@ class HubShards:
     """
 
     def __init__(self, repo_id: str, revision: str, row_len: int | None, vocab_size: int,
-                 max_cached_shards: int = 2, key: str = "data.dataset.name", shared: bool = False):
+                 max_cached_shards: int = 2, key: str = "data.dataset.name", shared: bool = False,
+                 order_seed: int = 0):
         self.key = key  # the config key that named the repo, for error messages
         self.repo_id, self.revision, self.row_len, self.vocab_size = repo_id, revision, row_len, vocab_size
         self.max_cached_shards, self.shared = max_cached_shards, shared
@@ -224,9 +238,10 @@ class HubShards:
             repo_id=repo_id, repo_type="dataset")
         self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
         index = self._index(storage / "pico-shards" / f"{self.sha}.json")
-        self.files, self.rows_per_shard = index["files"], index["rows_per_shard"]
+        self.files, self.rows_per_shard = shard_order(index["files"], order_seed), index["rows_per_shard"]
+        self.first_file, self.order_seed = index["files"][0], order_seed  # R was read from the first
         if self.rows_per_shard < 1:
-            raise DataError(f"{self.url(self.files[0])}: no rows; expected pre-tokenized rows")
+            raise DataError(f"{self.url(self.first_file)}: no rows; expected pre-tokenized rows")
         self.num_rows = self.rows_per_shard * len(self.files)  # until the last shard is opened
         self._order = {f: k for k, f in enumerate(self.files)}
         self._fetches: dict[int, threading.Thread] = {}  # shard -> its download
@@ -321,13 +336,14 @@ class HubShards:
         path = self._download(k)  # from the cache, no request; a failed prefetch gets a second chance
         for j in window[1:]:
             self._prefetch(j)
-        shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])])
+        shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])],
+                              order_seed=self.order_seed)
         rows, expected = shard.num_rows, self.rows_per_shard
         if k == len(self.files) - 1 and rows <= expected:
             self.num_rows = expected * k + rows  # only the last shard may be shorter
         elif rows != expected:
             raise DataError(f"{self.url(self.files[k])}: {rows:,} rows, expected {expected:,} as in "
-                            f"{self.files[0]}: data from the Hub is read assuming every shard but "
+                            f"{self.first_file}: data from the Hub is read assuming every shard but "
                             f"the last holds as many rows as the first; download the dataset and "
                             f"set data.dataset.name to its directory")
         self._current = (k, shard)
@@ -420,17 +436,30 @@ class BatchStream:
         self.stop.set()
 
 
-def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0,
-                 max_cached_shards: int = 2, shared: bool = False) -> ParquetShards | HubShards:
+def shard_order(files: list, order_seed: int) -> list:
+    """The shards in data.order_seed's order. 0: file order. Another seed permutes every shard but
+    the last, the one that may be shorter, so a position still finds its shard by division
+    (HubShards); ParquetShards then permutes each shard's row groups, and the rows of each group.
+    A batch's rows stay within a row group or two, so the shards are still read one after
+    another, and the rows are those of the dataset's order, each once per epoch."""
+    if not order_seed:
+        return files
+    shuffled = np.random.default_rng([order_seed, len(files)]).permutation(len(files) - 1)
+    return [files[i] for i in shuffled] + files[-1:]
+
+
+def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_cached_shards: int = 2,
+                 shared: bool = False, order_seed: int = 0) -> ParquetShards | HubShards:
     """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
     (namespace/name[@revision]) or the embedded corpus; shared: HubShards read by one job's processes."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(row_len - 1, seed) / "train"
     elif repo := hub_repo(name):
-        return HubShards(*repo, row_len, vocab_size, max_cached_shards, shared=shared)
+        return HubShards(*repo, row_len, vocab_size, max_cached_shards, shared=shared, order_seed=order_seed)
     else:
         directory = Path(name)
-    return ParquetShards(list_shards(directory), row_len, vocab_size)
+    return ParquetShards(shard_order(list_shards(directory), order_seed), row_len, vocab_size,
+                         order_seed=order_seed)
 
 
 def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> list[np.ndarray]:
@@ -535,12 +564,57 @@ def byte_text(ids) -> str:
                    for eod, run in runs)
 
 
+# What AutoTokenizer.from_pretrained reads from a directory, whichever of them a tokenizer has.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt"]
+
+
+def tokenizer_files(name: str, max_seq_len: int) -> dict[str, bytes]:
+    """The files of data.tokenizer.name, so that every checkpoint loads with AutoTokenizer: a Hub
+    model repo's (namespace/name[@revision]), downloaded once into the Hugging Face cache (so
+    HF_HUB_OFFLINE=1 reads them there); for "bytes", made here."""
+    if name == "bytes":
+        return byte_tokenizer(max_seq_len)
+    repo_id, _, revision = name.partition("@")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES,
+                                        tqdm_class=silent_tqdm))
+    except Exception as e:
+        raise DataError(f"data.tokenizer.name={name!r}: {without_token(hub_failure(e))}") from None
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name in TOKENIZER_FILES}
+    if not files:
+        raise DataError(f"data.tokenizer.name={name!r}: has none of {', '.join(TOKENIZER_FILES)}")
+    return files
+
+
+def byte_tokenizer(max_seq_len: int) -> dict[str, bytes]:
+    """The embedded corpus's tokenizer for transformers: byte b is id b and <eod> is EOD_ID, so
+    text round-trips to the ids of the corpus. A byte-level BPE without merges, the bytes written
+    as GPT-2's printable stand-ins (the format of byte-level tokenizers in tokenizer.json)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_in = {b: chr(b) for b in printable}
+    stand_in.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    eod = {"id": EOD_ID, "content": "<eod>", "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+             "vocab": {stand_in[b]: b for b in range(256)}, "merges": []}
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [eod],
+                 "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+                 "decoder": byte_level, "model": model}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eod>",
+              "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": json.dumps(tokenizer).encode(),
+            "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+
+
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
     config = load_config(config_path, overrides)
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
-    rows = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size,
-                        config.data.seed).read(start, count)
+    rows = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed,
+                        order_seed=config.data.order_seed).read(start, count)
     byte_level = config.data.tokenizer.name == "bytes"
     print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
           f"{count} x {seq_len + 1} tokens")
