@@ -10,18 +10,18 @@ A checkpoint is a directory, checkpoints/step_N/, holding:
                                    world size, by one process, DDP or FSDP; resume needs it
   training_state.pt                step, data position, scheduler and every RNG state
   learning_dynamics/               {train,val}_{activations,weights,gradients}.pt for pico-analyze
-  checkpoint.json                  the manifest, written last: each file's size
+  checkpoint.json                  the manifest, written last: each file's size and crc32
 
 It is written to a hidden temporary directory and renamed into place, and only then does the
 `latest` symlink move to it (an atomic rename of a new link). A kill at any moment therefore
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
+Rank 0 writes every shared file; a single process is rank 0 of a world of 1.
 """
 
 import contextlib
 import dataclasses
 import datetime
 import fcntl
-import functools
 import json
 import logging
 import math
@@ -62,16 +62,9 @@ def _describe(e: Exception) -> str:
     return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
-# Ranks: one process is rank 0 of a world of 1 ------------------------------------------------
-
 def world() -> tuple[int, int]:
     """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def is_writer() -> bool:
-    """Rank 0 writes every shared file; a single process is rank 0."""
-    return world()[1] == 0
 
 
 def barrier():
@@ -136,26 +129,31 @@ def hf_config(config: ModelConfig) -> dict:
             "torch_dtype": "float32"}
 
 
-def to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
     names = _hf_names(config.n_layers)
     ours = {name: state[name].detach().to("cpu", torch.float32) for name in names}
-    return {names[name]: w.contiguous() for name, w in _reorder_rope_rows(ours, config, True).items()}
-
-
-def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
+    halves = _reorder_rope_rows(ours, config, to_halves=True)
     (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    save_file(to_hf_state(state, config), directory / "model.safetensors", metadata={"format": "pt"})
+    save_file({names[name]: w.contiguous() for name, w in halves.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
 
 
-def _read_weights(directory: Path, config: ModelConfig, names: dict[str, str], ignored=()) -> dict:
-    """Our state dict from a checkpoint's safetensors weights, names[ours] being each weight's name
-    there: model.safetensors, or the shards model.safetensors.index.json maps them to
-    (save_pretrained splits a big model so). Every weight must be there with the shape the config
-    gives it, and no other parameter may be (a weight or bias the decoder would drop computes
-    something else); buffers, such as the rotary inv_freq of older Llama checkpoints, are derived
-    and skipped. Each problem names the tensor and its file (or the index that lists it)."""
+def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama", tied: bool = False) -> dict:
+    """Our state dict from model.safetensors, or the shards model.safetensors.index.json maps the
+    tensors to (save_pretrained splits a big model so). A Llama's q/k rows go back to interleaved
+    RoPE; pico-train's weights (model_type pico_decoder) are ours under "pico_decoder.". tied
+    (tie_word_embeddings): a Llama's output projection is its embedding, and there is often no
+    lm_head tensor at all; untied weights that start equal compute exactly what the tied model does.
+    Every weight must be there with its shape, and no other parameter (a weight or bias the decoder
+    would drop computes something else); buffers, such as the rotary inv_freq of older Llamas, are
+    derived and skipped. Each problem names the tensor and its file (or the index that lists it)."""
+    names, ignored = _hf_names(config.n_layers), set()
+    if model_type == "pico_decoder":  # RoPE interleaved as ours: no permutation
+        names = {ours: "pico_decoder." + ours for ours in names}
+    elif tied:
+        names["de_embedding_proj.weight"], ignored = "model.embed_tokens.weight", {"lm_head.weight"}
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    origin: dict[str, Path] = {}
+    origin: dict[str, Path] = {}  # tensor name -> its file, as the index says or as found
     if single.is_file():
         files, listing = [single], single
     elif index.is_file():
@@ -175,38 +173,24 @@ def _read_weights(directory: Path, config: ModelConfig, names: dict[str, str], i
             part = load_file(path)
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise CheckpointError(f"{path}: cannot be read ({_describe(e)})") from None
-        tensors.update(part)
-        for name in part:
-            origin.setdefault(name, path)
+        tensors |= part
+        origin = {**dict.fromkeys(part, path), **origin}
     with torch.device("meta"):  # shapes only, no memory
         shapes = {k: v.shape for k, v in PicoDecoder(config).state_dict().items()}
     state = {}
     for ours, theirs in names.items():
-        if theirs not in tensors:
+        w = tensors.get(theirs)
+        if w is None:
             raise CheckpointError(f"{origin.get(theirs, listing)}: tensor {theirs} is missing")
-        w = tensors[theirs]
         if w.shape != shapes[ours]:
             raise CheckpointError(f"{origin[theirs]}: tensor {theirs} has shape {list(w.shape)}, "
                                   f"expected {list(shapes[ours])} for this model shape")
         state[ours] = w.float()
-    known = set(names.values()) | set(ignored)
-    for name in sorted(tensors):
-        if name not in known and name.endswith((".weight", ".bias")):
+    for name in sorted(set(tensors) - set(names.values()) - ignored):
+        if name.endswith((".weight", ".bias")):
             raise CheckpointError(f"{origin[name]}: tensor {name} is not a weight of the "
                                   f"pico-decoder (a model with it computes something else)")
-    return state
-
-
-def load_hf_weights(directory: Path, config: ModelConfig, tied: bool = False) -> dict[str, torch.Tensor]:
-    """Our state dict from a Llama checkpoint, q/k rows permuted back to interleaved RoPE. tied
-    (tie_word_embeddings): the output projection is the input embedding, and there is often no
-    lm_head tensor at all. The embedding is copied into de_embedding_proj: untied weights that
-    start equal compute exactly what the tied model does (training then unties them)."""
-    names = _hf_names(config.n_layers)
-    if tied:
-        names["de_embedding_proj.weight"] = "model.embed_tokens.weight"
-    state = _read_weights(directory, config, names, ignored=["lm_head.weight"] if tied else [])
-    return _reorder_rope_rows(state, config, to_halves=False)
+    return state if model_type == "pico_decoder" else _reorder_rope_rows(state, config, to_halves=False)
 
 
 def _model_config(cfg: dict, source: str) -> ModelConfig:
@@ -238,8 +222,7 @@ def _model_config(cfg: dict, source: str) -> ModelConfig:
                                   f"{'an integer' if kind is int else 'a number'}")
         values[field.name] = kind(value)
     config = ModelConfig(**values)
-    problems = config.problems()
-    if problems:
+    if problems := config.problems():
         raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
                                                      problems[0]))
     if not llama:
@@ -311,11 +294,8 @@ def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object of config fields")
     config = _model_config(cfg, str(cfg_path))
-    if cfg["model_type"] == "llama":
-        return config, load_hf_weights(directory, config, tied=cfg.get("tie_word_embeddings", False)), name
-    # pico-train's format: weights under "pico_decoder." + our names, RoPE interleaved as ours
-    names = {ours: "pico_decoder." + ours for ours in _hf_names(config.n_layers)}
-    return config, _read_weights(directory, config, names), name
+    tied = cfg.get("tie_word_embeddings", False)
+    return config, read_weights(directory, config, cfg["model_type"], tied), name
 
 
 def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDecoder:
@@ -344,17 +324,11 @@ def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] |
 
 
 def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, autocast) -> dict:
-    """The captures of one checkpoint: {"train"/"val": {"activations"/"weights"/"gradients":
-    {module name: float32 CPU tensor}}} of capture_modules' modules. train: on the global batch
+    """The captures of one checkpoint, {split: {kind: {module name: float32 CPU tensor}}}, of the
+    capture_modules of ld, the checkpointing.learning_dynamics section. train: on the global batch
     the checkpoint's last step trained on (if ld.capture_train); val: on the fixed evaluation rows
-    (unless val_rows is None). ld: the checkpointing.learning_dynamics config section.
-
-    activations: each module's output at position ld.sequence_idx of each row's input (-1: its
-    last token), one row per sample, in data order. gradients: of the mean next-token loss over
-    every token of every row, so sub-batches of ld.batch_size change nothing but memory; by
-    torch.autograd.grad, which leaves the training run's .grad untouched. Nothing here draws a
-    random number. Under torch.distributed each rank captures its own rows (train_batch is its
-    part of the global batch, val_rows all of them) and every rank returns the gathered whole."""
+    (unless val_rows is None). Under torch.distributed each rank captures its own rows (train_batch
+    is its part of the global batch, val_rows all of them) and every rank returns the whole."""
     modules = capture_modules(model, ld.layer_suffixes, ld.layers)
     world_size, rank = world()
     splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
@@ -371,16 +345,19 @@ def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, aut
 
 def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: int, modules: dict, ld,
              device, autocast) -> dict:
-    """One split's captures: each rank's of its own `rows`, made whole. counts: every rank's number
-    of rows; total_tokens: of all of them, so that the ranks' gradients sum to that of the mean."""
+    """One split's captures of this rank's `rows`, made whole. activations: each module's output at
+    position ld.sequence_idx (-1: the last) of each row's input, one row per sample, in data order.
+    gradients: of the mean next-token loss over the total_tokens of every rank's rows (counts), so
+    sub-batches of ld.batch_size change nothing but memory; by torch.autograd.grad, which leaves the
+    run's .grad untouched. Nothing here draws a random number."""
     weights = [module.weight for module in modules.values()]
     gradients = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    activations = {name: [] for name in modules}
+    activations = {module: [] for module in modules.values()}
     positions = None  # of the current sub-batch, for the hooks
 
-    def hook(name, module, inputs, output):
-        activations[name].append(output[torch.arange(len(positions)), positions].detach().float())
-    hooks = [module.register_forward_hook(functools.partial(hook, name)) for name, module in modules.items()]
+    def hook(module, inputs, output):
+        activations[module].append(output[torch.arange(len(positions)), positions].detach().float())
+    hooks = [module.register_forward_hook(hook) for module in modules.values()]
     try:
         for start in range(0, len(rows), ld.batch_size):
             chunk = rows[start:start + ld.batch_size]
@@ -432,10 +409,18 @@ def _fsync(path: Path):
         os.close(fd)
 
 
+def _crc32(path: Path) -> str:
+    """A fast checksum (several GB/s) that finds damaged bytes a file's size cannot."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
 def _dcp(call, optimizer_state: dict, path: Path):
-    """dcp.save or dcp.load of the optimizer state, without torch.distributed.checkpoint's warning
-    that it is "assuming the intent is to save (load) in a single process" whenever there is no
-    process group: that is this trainer's normal case."""
+    """dcp.save or dcp.load, without its warning that it is "assuming the intent is to save (load)
+    in a single process" whenever there is no process group: this trainer's normal case."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         call({"optimizer": optimizer_state}, checkpoint_id=path)
@@ -444,19 +429,35 @@ def _dcp(call, optimizer_state: dict, path: Path):
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
                     data_position: int, model_state: dict | None = None,
                     learning_dynamics: dict | None = None) -> Path:
-    """Write checkpoints/step_{step} completely, then point `latest` at it.
-
-    Under torch.distributed every rank calls it: each writes its part of optimizer/ (sharded by
-    torch.distributed.checkpoint; under DDP the replicated tensors are written once), and rank 0
-    writes everything else. The optimizer state is keyed by parameter name, not position, so it
-    loads at another world size or under the other strategy. model_state: the whole weights (the
-    FSDP gather) if not model.state_dict(); only rank 0 reads it. learning_dynamics: what
-    learning_dynamics() returned, written as learning_dynamics/{split}_{kind}.pt."""
-    final = checkpoints_dir / f"step_{step}"
-    tmp = checkpoints_dir / f".step_{step}.tmp"
+    """Write checkpoints/step_{step} completely, then point `latest` at it. Every rank calls it and
+    writes its part of optimizer/ (under DDP the replicated tensors are written once), keyed by
+    parameter name so that it loads at another world size or under the other strategy; rank 0
+    writes the rest. model_state: the whole weights (the FSDP gather) if not model.state_dict(),
+    read on rank 0 only. learning_dynamics: what learning_dynamics() returned."""
+    final, tmp = checkpoints_dir / f"step_{step}", checkpoints_dir / f".step_{step}.tmp"
+    writer = world()[1] == 0
     try:
-        _write_checkpoint(tmp, final, step, model, optimizer, scheduler, data_position, model_state,
-                          learning_dynamics)
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+            (tmp / "optimizer").mkdir(parents=True)
+        barrier()  # the directory exists before any rank writes into it
+        _dcp(dcp.save, get_optimizer_state_dict(model, optimizer), tmp / "optimizer")
+        barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
+        if writer:
+            export_hf(model.state_dict() if model_state is None else model_state, model.config, tmp)
+            np_state = np.random.get_state()  # as plain tensors and tuples: torch.load(weights_only=True)
+            rng = {"python": random.getstate(),
+                   "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+                   "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
+                        "rng": rng}, tmp / "training_state.pt")
+            for split, states in (learning_dynamics or {}).items():
+                (tmp / "learning_dynamics").mkdir(exist_ok=True)
+                for kind, tensors in states.items():
+                    torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
+            _seal(tmp, final, step)
+        barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, most often
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
         previous = latest_checkpoint(checkpoints_dir)
@@ -467,70 +468,35 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
     return final
 
 
-def _write_checkpoint(tmp: Path, final: Path, step: int, model, optimizer, scheduler, data_position: int,
-                      model_state: dict | None, learning_dynamics: dict | None):
-    checkpoints_dir = tmp.parent
-    if is_writer():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
-        (tmp / "optimizer").mkdir(parents=True)
-    barrier()  # the directory exists before any rank writes into it
-    _dcp(dcp.save, get_optimizer_state_dict(model, optimizer), tmp / "optimizer")
-    barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
-    if is_writer():
-        export_hf(model.state_dict() if model_state is None else model_state, model.config, tmp)
-        np_state = np.random.get_state()  # as plain tensors and tuples: torch.load(weights_only=True)
-        rng = {"python": random.getstate(),
-               "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-               "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
-                    "rng": rng}, tmp / "training_state.pt")
-        for split, states in (learning_dynamics or {}).items():
-            (tmp / "learning_dynamics").mkdir(exist_ok=True)
-            for kind, tensors in states.items():
-                torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
-        # fsync every file and directory, then write the manifest that makes the checkpoint complete
-        paths = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
-        for path in sorted(tmp.rglob("*")):
-            _fsync(path)
-        manifest = {"step": step, "files": {name: p.stat().st_size for name, p in paths.items()},
-                    "crc32": {name: _crc32(p) for name, p in paths.items()}}
-        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync(tmp)
-        # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
-        old = checkpoints_dir / f".step_{step}.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+def _seal(tmp: Path, final: Path, step: int):
+    """fsync every file and directory of the written checkpoint `tmp`, write the manifest that
+    makes it complete, rename it to `final`, and point `latest` at it: by the atomic rename of a new
+    symlink, or where the file system has no symlinks, a file holding the name."""
+    entries = sorted(tmp.rglob("*"))
+    for path in entries:
+        _fsync(path)
+    files = {p.relative_to(tmp).as_posix(): p for p in entries if p.is_file()}
+    manifest = {"step": step, "files": {name: p.stat().st_size for name, p in files.items()},
+                "crc32": {name: _crc32(p) for name, p in files.items()}}
+    write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _fsync(tmp)
+    # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
+    old = tmp.with_name(f".step_{step}.old")
+    if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        _point_latest(checkpoints_dir, final.name)
-    barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
-
-
-def _crc32(path: Path) -> str:
-    """A fast checksum (several GB/s) that finds damaged bytes a file's size cannot."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _point_latest(checkpoints_dir: Path, name: str):
-    """`latest` -> name, by the atomic rename of a new symlink; where the file system has no
-    symlinks, a file holding the name. A `latest` that a copy of the run directory turned into a
-    directory (cp -r, rsync without -l) is that copy of a checkpoint: it goes."""
-    latest, tmp = checkpoints_dir / "latest", checkpoints_dir / "latest.tmp"
-    tmp.unlink(missing_ok=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    latest, link = final.with_name("latest"), final.with_name("latest.tmp")
+    link.unlink(missing_ok=True)
     try:
-        tmp.symlink_to(name)
+        link.symlink_to(final.name)
     except OSError:
-        tmp.write_text(name + "\n")
-    if latest.is_dir() and not latest.is_symlink():
+        link.write_text(final.name + "\n")
+    if latest.is_dir() and not latest.is_symlink():  # a copy made by cp -r, or rsync without -l
         shutil.rmtree(latest)
-    os.replace(tmp, latest)
-    _fsync(checkpoints_dir)
+    os.replace(link, latest)
+    _fsync(final.parent)
 
 
 def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
@@ -600,7 +566,7 @@ def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
     damaged or unloadable one is reported (naming the file) without touching the model or the run
     directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer."""
     manifest = check_complete(directory)
-    state = {"model": load_hf_weights(directory, config)}
+    state = {"model": read_weights(directory, config)}
     path = directory / "training_state.pt"
     try:
         state.update(torch.load(path, map_location="cpu", weights_only=True))
@@ -613,9 +579,9 @@ def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
 
 
 def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimizer, scheduler):
-    """Apply a checkpoint read by read_checkpoint to the built model and optimizer. The weights
-    were already loaded into the model before it was wrapped for DDP or FSDP; the optimizer state
-    is read here, each rank its own part, resharded if the world size changed."""
+    """Apply a checkpoint read by read_checkpoint to the model, already loaded with its weights
+    before DDP or FSDP wrapped it, and to the optimizer: each rank reads its own part of the
+    optimizer state here, resharded if the world size changed."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # the layout to read into
     try:
         _dcp(dcp.load, optimizer_state, directory / "optimizer")
@@ -642,7 +608,7 @@ class Records:
     A resumed run replays the steps after its checkpoint: their old records are dropped first."""
 
     def __init__(self, run_dir: Path, config, start_step: int):
-        self.metrics, self.wandb = (run_dir / "metrics.jsonl" if is_writer() else None), None
+        self.metrics, self.wandb = (run_dir / "metrics.jsonl" if world()[1] == 0 else None), None
         if self.metrics is None:
             self.log = logging.getLogger(f"pico.rank{world()[1]}")
             self.log.setLevel(logging.WARNING)
@@ -702,12 +668,12 @@ def _step_of(line: str) -> float:
 
 def json_line(record: dict) -> str:
     """A record as one line of strict JSON, which has no number for a value that is not finite (a
-    diverged evaluation's perplexity): such a value is written as the string "Infinity", "NaN", ...
-    which Python's float() and JavaScript's Number() read back."""
-    def strict(value):
-        return value if not isinstance(value, float) or math.isfinite(value) else \
-            str(value).replace("inf", "Infinity").replace("nan", "NaN")
-    return json.dumps({key: strict(value) for key, value in record.items()}, allow_nan=False) + "\n"
+    diverged evaluation's perplexity): it is written as the string "Infinity", "NaN", ..., which
+    Python's float() and JavaScript's Number() read back."""
+    strict = {key: str(value).replace("inf", "Infinity").replace("nan", "NaN")
+              if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(strict, allow_nan=False) + "\n"
 
 
 def lock_run_directory(run_dir: Path, start_over: bool):
@@ -730,8 +696,8 @@ def lock_run_directory(run_dir: Path, start_over: bool):
                               f"directory: wait for it, or use another checkpointing.run_name")
     lock.seek(0)
     lock.truncate()
-    since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}"
+               f" since {datetime.datetime.now():%Y-%m-%d %H:%M}\n")
     lock.flush()
     if start_over:
         aside = run_dir / f"previous_{datetime.datetime.now():%Y%m%d_%H%M%S}"
@@ -773,20 +739,17 @@ def read_uploads(run_dir: Path) -> dict[str, list[int]]:
 
 
 class HubUploader:
-    """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id`,
-    as pico-train does: one commit per kind of file, none for a kind without files, under the
-    titles by which pico-analyze's --repo_id/--branch mode finds the steps (_upload lists them).
-    The optimizer and training state stay local: resume reads the run directory. (pico-train also
-    pushes its Fabric state, under fabric_state/.)
+    """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id` as
+    pico-train does: one commit per kind of file, none for a kind without files, under the titles
+    by which pico-analyze's --repo_id/--branch mode finds the steps. The optimizer and training
+    state stay local: resume reads the run directory. (pico-train also pushes its Fabric state.)
 
     One background thread uploads, so a training step never waits for the network. A step is
-    recorded as pending in run_dir/uploads.json before it is queued, and as uploaded once all its
-    commits are made: a step that a crash or an outage left pending is queued again at the next
-    start. A failed commit is tried `attempts` times in all, `retry_delay` seconds apart, then
-    twice that, ...; a step that still fails is logged once, with the reason, and stays pending.
-    Nothing here raises into the training loop, and the token (HF_TOKEN or the stored login) is
-    never printed.
-    """
+    pending in run_dir/uploads.json from before it is queued until all its commits are made: one
+    that a crash or an outage left pending is queued again at the next start. A failed commit is
+    tried `attempts` times in all, `retry_delay` seconds apart, then twice that, ...; a step that
+    still fails is logged once, with the reason, and stays pending. Nothing here raises into the
+    training loop, and the token (HF_TOKEN or the stored login) is never printed."""
 
     def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
                  retry_delay: float = 10.0):
@@ -867,7 +830,13 @@ class HubUploader:
             {f"eval_results/{results.name}": results} if results.exists() else {})
         commits = {title: files for title, files in commits.items() if files}  # a kind without files: none
         for title, files in commits.items():
-            self._with_retries(lambda: self._commit(title, files))
+            for attempt in range(self.attempts):
+                try:
+                    self._commit(title, files)
+                    break
+                except Exception:
+                    if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
+                        raise
         return len(commits)
 
     def _commit(self, title: str, files: dict[str, Path]):
@@ -887,14 +856,6 @@ class HubUploader:
             deletes = [CommitOperationDelete(op.path_in_repo) for op in adds]
         api.create_commit(self.repo_id, deletes + adds, commit_message=title, revision=self.branch)
         self.committed.update({op.path_in_repo: op.upload_info.sha256 for op in adds})
-
-    def _with_retries(self, call):
-        for attempt in range(self.attempts):
-            try:
-                return call()
-            except Exception:
-                if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
-                    raise
 
 
 def verify(path: Path) -> int:
