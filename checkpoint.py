@@ -86,8 +86,7 @@ def any_rank(flag: bool, group) -> bool:
 def _hf_names(n_layers: int) -> dict[str, str]:
     """Our parameter name -> transformers' LlamaForCausalLM name."""
     per_layer = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm",
-                 "attention.q_proj": "self_attn.q_proj", "attention.k_proj": "self_attn.k_proj",
-                 "attention.v_proj": "self_attn.v_proj", "attention.o_proj": "self_attn.o_proj",
+                 **{f"attention.{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
                  "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj", "swiglu.w_2": "mlp.down_proj"}
     return {"embedding_proj.weight": "model.embed_tokens.weight",
             "output_norm.weight": "model.norm.weight",
@@ -97,9 +96,8 @@ def _hf_names(n_layers: int) -> dict[str, str]:
 
 
 def _reorder_rope_rows(state: dict[str, torch.Tensor], config: ModelConfig, to_halves: bool) -> dict:
-    """Reorder, in place, the rows of each head of q_proj and k_proj (keyed by our names) from RoPE
-    on interleaved pairs (ours, pico-train's, Meta's) to RoPE on halves (transformers'): rows
-    0,2,4,... then 1,3,5,...; or back, to_halves=False."""
+    """Reorder, in place, each head's rows of q_proj and k_proj from RoPE on interleaved pairs (ours,
+    pico-train's, Meta's) to RoPE on halves (transformers'): rows 0,2,4,... then 1,3,5,...; or back."""
     heads = {"q_proj": config.attention_n_heads, "k_proj": config.attention_n_kv_heads}
     for name, w in state.items():
         n_heads = heads.get(name.split(".")[-2])
@@ -139,18 +137,15 @@ def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Pa
 
 
 def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama", tied: bool = False) -> dict:
-    """Our state dict from model.safetensors, or the shards model.safetensors.index.json maps the
-    tensors to (save_pretrained splits a big model so). A Llama's q/k rows go back to interleaved
-    RoPE; pico-train's weights (model_type pico_decoder) are ours under "pico_decoder.". tied
-    (tie_word_embeddings): a Llama's output projection is its embedding, and there is often no
-    lm_head tensor at all; untied weights that start equal compute exactly what the tied model does.
-    Every weight must be there with its shape, and no other parameter (a weight or bias the decoder
-    would drop computes something else); buffers, such as the rotary inv_freq of older Llamas, are
-    derived and skipped. Each problem names the tensor and its file (or the index that lists it)."""
+    """Our state dict from model.safetensors, or from the shards of model.safetensors.index.json
+    (save_pretrained splits a big model so). Every weight must be there with its shape, and no other
+    parameter (a weight or bias the decoder would drop computes something else); buffers, such as
+    older Llamas' rotary inv_freq, are derived and skipped. Errors name the tensor and its file."""
     names, ignored = _hf_names(config.n_layers), set()
-    if model_type == "pico_decoder":  # RoPE interleaved as ours: no permutation
+    if model_type == "pico_decoder":  # pico-train's: our names under "pico_decoder.", RoPE as ours
         names = {ours: "pico_decoder." + ours for ours in names}
-    elif tied:
+    elif tied:  # the output projection is the embedding, often with no lm_head tensor at all: untied
+        # weights that start equal compute exactly what the tied model does (training unties them)
         names["de_embedding_proj.weight"], ignored = "model.embed_tokens.weight", {"lm_head.weight"}
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     origin: dict[str, Path] = {}  # tensor name -> its file, as the index says or as found
@@ -194,10 +189,9 @@ def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama"
 
 
 def _model_config(cfg: dict, source: str) -> ModelConfig:
-    """The decoder's shape from a checkpoint's config.json, pico-train's (model_type pico_decoder,
-    our field names) or a Llama's (HF_FIELDS): each field an integer or a number as ours is. A shape
-    the decoder cannot have is refused naming the checkpoint's field: heads that do not divide
-    d_model, ...; in a Llama also biases, another activation, scaled RoPE, a head_dim of its own."""
+    """The decoder's shape from a config.json, pico-train's (our field names) or a Llama's (HF_FIELDS).
+    A shape the decoder cannot have is refused naming the checkpoint's field: heads that do not
+    divide d_model, ...; in a Llama also biases, another activation, scaled RoPE, its own head_dim."""
     llama = cfg.get("model_type") == "llama"
     if not llama and cfg.get("model_type") != "pico_decoder":
         raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, expected 'llama' "
@@ -249,10 +243,9 @@ def _model_config(cfg: dict, source: str) -> ModelConfig:
 
 
 def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[Path, str]:
-    """The local directory of a checkpoint, and its name for messages: path_or_repo_id itself, or
-    a snapshot of a Hub model repo ("namespace/name", a revision given as "@revision" or as
-    revision=...; pico-train publishes each step as a revision) in the Hugging Face cache, which
-    HF_HUB_OFFLINE=1 reads. Hub errors become one line naming the repo, never the token."""
+    """A checkpoint's directory, and its name for messages: path_or_repo_id, or a snapshot of a Hub
+    model repo ("namespace/name", "@revision": pico-train publishes each step as a revision) in the
+    Hugging Face cache, which HF_HUB_OFFLINE=1 reads. Errors name the repo, never the token."""
     if Path(path_or_repo_id).is_dir():
         return Path(path_or_repo_id), path_or_repo_id
     from huggingface_hub import constants, snapshot_download
@@ -280,8 +273,7 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
 
 
 def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[ModelConfig, dict, str]:
-    """The shape and weights of a checkpoint in any format from_pretrained reads (our export, any
-    Llama the decoder can express, pico-train's), and where they came from."""
+    """The shape, weights and name of a checkpoint: our export, a Llama, or pico-train's."""
     directory, name = locate_pretrained(path_or_repo_id, revision)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -308,9 +300,8 @@ def load_pretrained(path_or_repo_id: str, revision: str | None = None) -> PicoDe
 # Learning-dynamics captures: what pico-analyze reads from checkpoints/step_N/learning_dynamics/ ---
 
 def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] | None) -> dict:
-    """{"layers.{i}.{name}": module} of the linear layers whose names end in one of the suffixes,
-    in every layer of `layers` (None: all), in layer order. A suffix that matches no module is an
-    error naming the valid ones (a model on the meta device finds it before anything is spent)."""
+    """{"layers.{i}.{name}": module} of the linear layers of `layers` (None: all) whose names end in
+    a suffix. One that matches none is an error (a model on the meta device finds it up front)."""
     linears = {name: module for name, module in model.named_modules()
                if name.startswith("layers.") and isinstance(module, torch.nn.Linear)}
     found = {name: module for name, module in linears.items()
@@ -324,11 +315,9 @@ def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] |
 
 
 def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, autocast) -> dict:
-    """The captures of one checkpoint, {split: {kind: {module name: float32 CPU tensor}}}, of the
-    capture_modules of ld, the checkpointing.learning_dynamics section. train: on the global batch
-    the checkpoint's last step trained on (if ld.capture_train); val: on the fixed evaluation rows
-    (unless val_rows is None). Under torch.distributed each rank captures its own rows (train_batch
-    is its part of the global batch, val_rows all of them) and every rank returns the whole."""
+    """A checkpoint's captures, {split: {kind: {module name: float32 CPU tensor}}}. train: on the
+    global batch its last step trained on (this rank's part of it); val: on the fixed evaluation
+    rows (all of them). ld: the checkpointing.learning_dynamics section."""
     modules = capture_modules(model, ld.layer_suffixes, ld.layers)
     world_size, rank = world()
     splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
@@ -345,11 +334,9 @@ def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, aut
 
 def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: int, modules: dict, ld,
              device, autocast) -> dict:
-    """One split's captures of this rank's `rows`, made whole. activations: each module's output at
-    position ld.sequence_idx (-1: the last) of each row's input, one row per sample, in data order.
-    gradients: of the mean next-token loss over the total_tokens of every rank's rows (counts), so
-    sub-batches of ld.batch_size change nothing but memory; by torch.autograd.grad, which leaves the
-    run's .grad untouched. Nothing here draws a random number."""
+    """One split's captures of this rank's rows, gathered from every rank (counts: their numbers of
+    rows). Gradients of the mean loss over total_tokens: sub-batches of ld.batch_size change only
+    memory. autograd.grad leaves the run's .grad untouched; no random number is drawn."""
     weights = [module.weight for module in modules.values()]
     gradients = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     activations = {module: [] for module in modules.values()}
@@ -419,8 +406,8 @@ def _crc32(path: Path) -> str:
 
 
 def _dcp(call, optimizer_state: dict, path: Path):
-    """dcp.save or dcp.load, without its warning that it is "assuming the intent is to save (load)
-    in a single process" whenever there is no process group: this trainer's normal case."""
+    """dcp.save or dcp.load, without its warning, "assuming the intent is to save in a single
+    process", whenever there is no process group: this trainer's normal case."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         call({"optimizer": optimizer_state}, checkpoint_id=path)
@@ -430,10 +417,9 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                     data_position: int, model_state: dict | None = None,
                     learning_dynamics: dict | None = None) -> Path:
     """Write checkpoints/step_{step} completely, then point `latest` at it. Every rank calls it and
-    writes its part of optimizer/ (under DDP the replicated tensors are written once), keyed by
-    parameter name so that it loads at another world size or under the other strategy; rank 0
-    writes the rest. model_state: the whole weights (the FSDP gather) if not model.state_dict(),
-    read on rank 0 only. learning_dynamics: what learning_dynamics() returned."""
+    writes its part of optimizer/ (DDP's replicated tensors once), keyed by parameter name so that
+    it loads at another world size or strategy; rank 0 writes the rest. model_state: the whole
+    weights (the FSDP gather) if not model.state_dict()."""
     final, tmp = checkpoints_dir / f"step_{step}", checkpoints_dir / f".step_{step}.tmp"
     writer = world()[1] == 0
     try:
@@ -456,7 +442,23 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                 (tmp / "learning_dynamics").mkdir(exist_ok=True)
                 for kind, tensors in states.items():
                     torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
-            _seal(tmp, final, step)
+            # fsync every file and directory, then write the manifest that makes the checkpoint complete
+            entries = sorted(tmp.rglob("*"))
+            for path in entries:
+                _fsync(path)
+            files = {p.relative_to(tmp).as_posix(): p for p in entries if p.is_file()}
+            manifest = {"step": step, "files": {name: p.stat().st_size for name, p in files.items()},
+                        "crc32": {name: _crc32(p) for name, p in files.items()}}
+            write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            _fsync(tmp)
+            # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
+            old = checkpoints_dir / f".step_{step}.old"
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            _point_latest(checkpoints_dir, final.name)
         barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, most often
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
@@ -468,41 +470,24 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
     return final
 
 
-def _seal(tmp: Path, final: Path, step: int):
-    """fsync every file and directory of the written checkpoint `tmp`, write the manifest that
-    makes it complete, rename it to `final`, and point `latest` at it: by the atomic rename of a new
-    symlink, or where the file system has no symlinks, a file holding the name."""
-    entries = sorted(tmp.rglob("*"))
-    for path in entries:
-        _fsync(path)
-    files = {p.relative_to(tmp).as_posix(): p for p in entries if p.is_file()}
-    manifest = {"step": step, "files": {name: p.stat().st_size for name, p in files.items()},
-                "crc32": {name: _crc32(p) for name, p in files.items()}}
-    write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _fsync(tmp)
-    # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
-    old = tmp.with_name(f".step_{step}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    latest, link = final.with_name("latest"), final.with_name("latest.tmp")
-    link.unlink(missing_ok=True)
+def _point_latest(checkpoints_dir: Path, name: str):
+    """`latest` -> name, by the atomic rename of a new symlink; where the file system has no
+    symlinks, a file holding the name."""
+    latest, tmp = checkpoints_dir / "latest", checkpoints_dir / "latest.tmp"
+    tmp.unlink(missing_ok=True)
     try:
-        link.symlink_to(final.name)
+        tmp.symlink_to(name)
     except OSError:
-        link.write_text(final.name + "\n")
+        tmp.write_text(name + "\n")
     if latest.is_dir() and not latest.is_symlink():  # a copy made by cp -r, or rsync without -l
         shutil.rmtree(latest)
-    os.replace(link, latest)
-    _fsync(final.parent)
+    os.replace(tmp, latest)
+    _fsync(checkpoints_dir)
 
 
 def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
-    """Delete the optimizer state, twice the model's size, from all but the newest `keep`
-    checkpoints; their weights and learning dynamics stay. The manifest loses the files first,
-    so a crash between the two leaves a complete checkpoint and stray files, never a broken one."""
+    """Delete the optimizer state, twice the model's size, from all but the newest `keep` checkpoints.
+    The manifest loses the files first: a crash in between leaves stray files, never a broken one."""
     for directory in step_directories(checkpoints_dir)[:-keep]:
         manifest = json.loads((directory / MANIFEST).read_text())
         kept = {name: size for name, size in manifest["files"].items() if not name.startswith("optimizer/")}
@@ -513,9 +498,8 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The checkpoint a run resumes from: the one `latest` names (a symlink, or a file holding the
-    name). Without a usable `latest` (a copy of the run directory made it a directory, or it was
-    lost), the newest complete step_N: a run with checkpoints never starts over by accident."""
+    """The checkpoint `latest` names; without a usable `latest` (copied as a directory, or lost), the
+    newest complete step_N: a run with checkpoints never starts over by accident."""
     link = checkpoints_dir / "latest"
     if link.is_symlink() or link.is_file():
         named = checkpoints_dir / (os.readlink(link) if link.is_symlink() else link.read_text().strip())
@@ -540,8 +524,8 @@ def step_directories(checkpoints_dir: Path) -> list[Path]:
 
 
 def check_complete(directory: Path, checksums: bool = True) -> dict:
-    """The manifest of a checkpoint, after checking every file it lists is there in full and, if
-    the manifest has their checksums (checkpoints from before it may not), unchanged."""
+    """A checkpoint's manifest, once every file it lists is there in full and, where it has their
+    checksums (older checkpoints may not), unchanged."""
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -562,9 +546,8 @@ def check_complete(directory: Path, checksums: bool = True) -> dict:
 
 
 def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
-    """Read and check every part of a checkpoint that can be read before the model exists, so a
-    damaged or unloadable one is reported (naming the file) without touching the model or the run
-    directory. The optimizer's shards are read by restore_checkpoint, into the built optimizer."""
+    """Every part of a checkpoint that can be read before the model exists, so that a damaged one
+    is named before anything is built or written. restore_checkpoint reads the optimizer's shards."""
     manifest = check_complete(directory)
     state = {"model": read_weights(directory, config)}
     path = directory / "training_state.pt"
@@ -579,9 +562,8 @@ def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
 
 
 def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimizer, scheduler):
-    """Apply a checkpoint read by read_checkpoint to the model, already loaded with its weights
-    before DDP or FSDP wrapped it, and to the optimizer: each rank reads its own part of the
-    optimizer state here, resharded if the world size changed."""
+    """Apply read_checkpoint's state (its weights are in the model already, loaded before DDP or
+    FSDP wrapped it); each rank reads its part of the optimizer state, resharded to this world."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # the layout to read into
     try:
         _dcp(dcp.load, optimizer_state, directory / "optimizer")
@@ -602,9 +584,8 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
 # The run's records: training_config.yaml, logs/, metrics.jsonl -------------------------------
 
 class Records:
-    """What a run records, written by rank 0 alone: training_config.yaml (the resolved config, as
-    pico-analyze reads it), the log (stdout and logs/log_TIME.log), and metrics.jsonl, mirrored to
-    Weights & Biases with monitoring.save_to_wandb. The other ranks only log trouble, on stderr.
+    """What rank 0 records: training_config.yaml (as pico-analyze reads it), the log, metrics.jsonl
+    (mirrored to Weights & Biases with monitoring.save_to_wandb). Other ranks log trouble only.
     A resumed run replays the steps after its checkpoint: their old records are dropped first."""
 
     def __init__(self, run_dir: Path, config, start_step: int):
@@ -624,7 +605,7 @@ class Records:
             self.wandb = self._start_wandb(config)
 
     def _start_wandb(self, config):
-        """A wandb run whose id is the run name's, so a resumed run continues it; or None, with one
+        """A wandb run with the run name's id, which a resumed run continues; or None, with a
         warning, where wandb is missing or cannot start (no network, no login): the run goes on."""
         name, wandb_config = config.checkpointing.run_name, config.monitoring.wandb
         try:
@@ -667,9 +648,8 @@ def _step_of(line: str) -> float:
 
 
 def json_line(record: dict) -> str:
-    """A record as one line of strict JSON, which has no number for a value that is not finite (a
-    diverged evaluation's perplexity): it is written as the string "Infinity", "NaN", ..., which
-    Python's float() and JavaScript's Number() read back."""
+    """A record as one line of strict JSON, where a value that is not finite (a diverged perplexity)
+    is the string "Infinity", "NaN", ...: Python's float() and JavaScript's Number() read it."""
     strict = {key: str(value).replace("inf", "Infinity").replace("nan", "NaN")
               if isinstance(value, float) and not math.isfinite(value) else value
               for key, value in record.items()}
@@ -677,10 +657,9 @@ def json_line(record: dict) -> str:
 
 
 def lock_run_directory(run_dir: Path, start_over: bool):
-    """The run directory, held by this job's rank 0 for its whole life: a second training on it is
-    refused, naming the holder. The kernel's lock (flock) goes with the process that holds it, so
-    one killed never blocks a resume. start_over: an earlier run's records and checkpoints move
-    aside, into previous_TIME/. Returns the open lock file, which must stay open."""
+    """Hold the run directory (rank 0, for the job's life; the returned file must stay open): a
+    second training on it is refused, naming the holder. The kernel's lock (flock) dies with its
+    process, so a killed one never blocks a resume. start_over: the old run moves to previous_TIME/."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / ".lock", "a+")
@@ -740,28 +719,24 @@ def read_uploads(run_dir: Path) -> dict[str, list[int]]:
 
 class HubUploader:
     """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id` as
-    pico-train does: one commit per kind of file, none for a kind without files, under the titles
-    by which pico-analyze's --repo_id/--branch mode finds the steps. The optimizer and training
-    state stay local: resume reads the run directory. (pico-train also pushes its Fabric state.)
-
+    pico-train does, less its Fabric state: the optimizer and training state stay local, for resume.
     One background thread uploads, so a training step never waits for the network. A step is
-    pending in run_dir/uploads.json from before it is queued until all its commits are made: one
-    that a crash or an outage left pending is queued again at the next start. A failed commit is
-    tried `attempts` times in all, `retry_delay` seconds apart, then twice that, ...; a step that
-    still fails is logged once, with the reason, and stays pending. Nothing here raises into the
-    training loop, and the token (HF_TOKEN or the stored login) is never printed."""
+    pending in uploads.json from before it is queued until all its commits are made, so one that a
+    crash or an outage left pending is queued again at the next start. A commit is tried `attempts`
+    times, `retry_delay` seconds apart, then twice that, ...; a step that still fails is logged
+    once and stays pending. Nothing here raises into the training loop or prints the token."""
 
     def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
                  retry_delay: float = 10.0):
         self.run_dir, self.repo_id, self.branch, self.log = Path(run_dir), repo_id, branch, log
         self.attempts, self.retry_delay = attempts, retry_delay
-        self.lock = threading.Lock()  # around uploads.json: the loop adds steps, the thread moves them
+        self.record = read_uploads(self.run_dir)  # and uploads.json, rewritten at each change
+        self.lock = threading.Lock()  # around the record: the loop adds steps, the thread moves them
         self.queue: queue.Queue[int | None] = queue.Queue()
         self.given_up = threading.Event()  # set by close() when its wait runs out
         self.repo_ready = False  # the repo and the branch exist
         self.committed: dict[str, bytes] = {}  # path in the repo -> sha256 of what we last put there
-        left = read_uploads(self.run_dir)["pending"]
-        if left:
+        if left := self.record["pending"]:
             log.info(f"upload: steps {left}, left pending by an earlier run, are queued first")
         for step in left:
             self.queue.put(step)
@@ -769,40 +744,36 @@ class HubUploader:
         self.thread.start()
 
     def submit(self, step: int):
-        """Queue checkpoint `step` (saved, and evaluated if evaluation is on) for upload, unless
-        it is uploaded or queued already."""
+        """Queue checkpoint `step` (saved, and evaluated if evaluation is on), unless it is already."""
         with self.lock:
-            record = read_uploads(self.run_dir)
-            if step in record["pending"] + record["uploaded"]:
+            if step in self.record["pending"] + self.record["uploaded"]:
                 return
-            record["pending"].append(step)
-            self._write(record)
+            self.record["pending"].append(step)
+            self._write()
         self.queue.put(step)
 
     def close(self, timeout: float = 600.0):
-        """Wait up to `timeout` seconds for the queued uploads, the last checkpoint's among them.
-        What is left stays pending on disk for the next start."""
+        """Wait up to `timeout` seconds for the queued uploads; what is left stays pending."""
         self.queue.put(None)
         self.thread.join(timeout)
         if self.thread.is_alive():
             self.given_up.set()
             self.log.warning(f"upload: still not done after {timeout:g} s; steps "
-                             f"{read_uploads(self.run_dir)['pending']} stay pending in "
+                             f"{self.record['pending']} stay pending in "
                              f"{self.run_dir / UPLOADS} and are uploaded at the next start")
 
-    def _write(self, record: dict[str, list[int]]):
-        write_text_atomically(self.run_dir / UPLOADS,
-                              json.dumps({"repo_id": self.repo_id, "branch": self.branch, **record}) + "\n")
+    def _write(self):
+        record = {"repo_id": self.repo_id, "branch": self.branch, **self.record}
+        write_text_atomically(self.run_dir / UPLOADS, json.dumps(record) + "\n")
 
     def _work(self):
         while (step := self.queue.get()) is not None:
             try:
                 n_commits = self._upload(step)
                 with self.lock:
-                    record = read_uploads(self.run_dir)
-                    record["pending"].remove(step)
-                    record["uploaded"].append(step)
-                    self._write(record)
+                    self.record["pending"].remove(step)
+                    self.record["uploaded"].append(step)
+                    self._write()
                 self.log.info(f"uploaded step {step} to {self.repo_id}@{self.branch} ({n_commits} commits)")
             except Exception as e:  # whatever went wrong, training goes on and the step stays pending
                 if not self.given_up.is_set():  # else close() has said what is left
@@ -812,8 +783,8 @@ class HubUploader:
                                      f"{self.run_dir / UPLOADS} for the next start")
 
     def _upload(self, step: int) -> int:
-        """The commits of checkpoint `step`; how many. pico-analyze finds a step by its commit
-        titles: it matches r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
+        """Commit checkpoint `step`, one commit per kind of file; how many. pico-analyze's --repo_id
+        mode finds a step by its titles: r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
         directory = self.run_dir / "checkpoints" / f"step_{step}"
         if not directory.is_dir():
             raise CheckpointError(f"{directory} does not exist")
