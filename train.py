@@ -10,8 +10,6 @@ checkpoint at the current step and exits 0. The config is config.py's; README.md
 import contextlib
 import dataclasses
 import datetime
-import json
-import logging
 import math
 import os
 import secrets
@@ -19,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,13 +61,11 @@ def main(argv: list[str]) -> int:
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
     records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
-    log_start(records.log, config, env, run, model, shards, eval_rows)
-    progress = Progress(config, env, run, model, records)
+    progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
-    model.train()
     try:
         if run.resumed_from is not None:  # a run may have stopped before evaluating or uploading it
             saver.evaluate_and_upload(run.start_step)
@@ -80,11 +75,9 @@ def main(argv: list[str]) -> int:
             rows = batches.get(until=lambda: env.world_size == 1 and stop.received is not None)
             if rows is None:  # stopped while waiting for data: the steps done are saved
                 saver.save(step, batch, evaluate=False)
-                records.log.info(f"{stop.received}: stopped at step {step}; re-run the same command "
-                                 f"to resume")
-                return 0
+                return stop.stopped(step, records.log)
             batch = rows.to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
-            if step == 0 and run.resumed_from is None and is_checkpoint_step(0, config):
+            if step == 0 and run.resumed_from is None:
                 saver.save(0, batch)  # the initialisation, captured on the first batch
 
             loss = train_step(step_model, wrapper, batch, env.autocast)
@@ -108,9 +101,7 @@ def main(argv: list[str]) -> int:
                 with progress.paused():
                     saver.save(done, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
-                    records.log.info(f"{stop.received or 'another rank was signalled'}: stopped at "
-                                     f"step {done}; re-run the same command to resume")
-                    return 0
+                    return stop.stopped(done, records.log)
         # The ranks finish together, before rank 0 waits for its last uploads on its own: the
         # others must not wait for those in a collective, which could time out. (And a group
         # destroyed while gloo's worker thread still frees the last collective's tensor can
@@ -134,28 +125,20 @@ def train_step(step_model, wrapper, batch: torch.Tensor, autocast) -> torch.Tens
     accum = len(batch)
     step_loss = torch.zeros((), device=batch.device)
     for i, micro in enumerate(batch):
-        with gradient_sync(wrapper, sync=i == accum - 1):
-            with autocast:
-                _, loss = step_model(micro[:, :-1], micro[:, 1:])
-            (loss / accum).backward()
+        if isinstance(wrapper, DistributedDataParallel):
+            wrapper.require_backward_grad_sync = i == accum - 1  # the flag DDP's no_sync() clears
+        elif wrapper is not None:  # FSDP
+            wrapper.set_requires_gradient_sync(i == accum - 1)
+        with autocast:
+            _, loss = step_model(micro[:, :-1], micro[:, 1:])
+        (loss / accum).backward()
         step_loss += loss.detach() / accum
     return step_loss
 
 
-def gradient_sync(wrapper, sync: bool):
-    """Gradient accumulation: the inner micro-steps only add to this rank's gradients; the last
-    one reduces the sum across ranks, once per optimizer step."""
-    if isinstance(wrapper, DistributedDataParallel):
-        return contextlib.nullcontext() if sync else wrapper.no_sync()
-    if wrapper is not None:  # FSDP
-        wrapper.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
-
-
 def clip_gradients(model: PicoDecoder, max_norm: float | None, measure: bool) -> torch.Tensor | None:
-    """The gradient norm, clipped to max_norm if set; None when neither clipping nor a log needs it."""
     if max_norm is None and not measure:
-        return None
+        return None  # neither clipping nor a log needs the norm
     # max_norm inf measures without clipping (the gradients are multiplied by 1).
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: over all shards
@@ -183,9 +166,8 @@ def is_checkpoint_step(step: int, config: Config) -> bool:
     return step % ckpt.save_every_n_steps == 0 or step == config.training.max_steps or early
 
 
-@dataclass
+@dataclasses.dataclass
 class Env:
-    """Where and how this process computes."""
     device: torch.device
     precision: str  # "bf16-mixed" or "32"
     compile: bool
@@ -200,36 +182,31 @@ def setup(config: Config) -> Env:
     if config.training.distributed == "fsdp" and fully_shard is None:
         raise ConfigError(f"training.distributed='fsdp': expected 'ddp': torch {torch.__version__} "
                           f"has no fully_shard (FSDP2 needs torch>=2.5)")
-    device = pick_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
-    precision = config.training.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if device.type == "cuda" else "32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else contextlib.nullcontext())
-    use_compile = device.type == "cuda" if config.training.compile is None else config.training.compile
-    return Env(device, precision, use_compile, world_size, rank, autocast)
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of this process: under torchrun, GPU number LOCAL_RANK of its node."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = config.training.device
     name = next(n for n in available if available[n]) if name == "auto" else name
     if not available[name]:
         raise ConfigError(f"training.device={name!r}: no {name.upper()} device is available")
-    if name != "cuda":
-        return torch.device(name)
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK={local_rank}: this node has {torch.cuda.device_count()} GPUs; "
-                          f"expected torchrun --nproc_per_node at most that")
-    torch.cuda.set_device(local_rank)  # NCCL and every kernel of this process go to its own GPU
-    return torch.device("cuda", local_rank)
+    device = torch.device(name)
+    if name == "cuda":  # under torchrun, GPU number LOCAL_RANK of this node
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank}: this node has {torch.cuda.device_count()} GPUs; "
+                              f"expected torchrun --nproc_per_node at most that")
+        torch.cuda.set_device(local_rank)  # NCCL and every kernel of this process go to its own GPU
+        device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+    precision = config.training.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if name == "cuda" else "32"
+    autocast = (torch.autocast(name, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    use_compile = name == "cuda" if config.training.compile is None else config.training.compile
+    return Env(device, precision, use_compile, world_size, rank, autocast)
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
-    """A run directory, and the step and weights the run starts from."""
     dir: Path
     start_step: int = 0
     resumed_from: Path | None = None  # the checkpoint resumed, read whole into `state`
@@ -267,9 +244,8 @@ def open_run(config: Config, env: Env) -> Run:
             shape, run.weights, _ = checkpoint.read_pretrained(source)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"checkpointing.training.init_from={source!r}: {e}") from None
-        differ = [f"model.{f.name} (checkpoint: {getattr(shape, f.name)!r}, config: "
-                  f"{getattr(config.model, f.name)!r})" for f in dataclasses.fields(shape)
-                  if getattr(shape, f.name) != getattr(config.model, f.name)]
+        differ = [f"model.{key} (checkpoint: {value!r}, config: {getattr(config.model, key)!r})"
+                  for key, value in dataclasses.asdict(shape).items() if value != getattr(config.model, key)]
         if differ:
             raise ConfigError(f"checkpointing.training.init_from={source!r}: its shape differs from the "
                               f"config on {'; '.join(differ)}; set those model.* keys to the checkpoint's")
@@ -288,7 +264,6 @@ def already_done(config: Config, run: Run, env: Env) -> int:
 
 
 def open_data(config: Config, env: Env) -> tuple:
-    """The training shards, the evaluation rows and the capture rows, each checked."""
     seq_len, vocab, seed = config.model.max_seq_len, config.model.vocab_size, config.data.seed
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, vocab, seed,
                                config.data.dataset.max_cached_shards, shared=env.world_size > 1)
@@ -320,12 +295,6 @@ def open_data(config: Config, env: Env) -> tuple:
     return shards, eval_rows, ld_rows
 
 
-# How long a collective waits for a rank that does not arrive before it fails, so one rank's
-# crash or hang ends the job instead of stalling it. It must outlast what rank 0 does while the
-# others wait: writing a checkpoint of the largest model (seconds to a minute).
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-
-
 def start_distributed(config: Config, env: Env):
     """Join the job's process group: torchrun's (its environment names the rendezvous), or a
     group of one when FSDP runs in a single process. Returns a group for host-side flags: a gloo
@@ -339,13 +308,15 @@ def start_distributed(config: Config, env: Env):
     options = {"device_id": env.device} if backend == "nccl" else {}
     if not under_torchrun:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **options)
-    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
+    # A collective fails when a rank does not arrive within the timeout, so one rank's crash or
+    # hang ends the job instead of stalling it. It must outlast what rank 0 does while the others
+    # wait: writing a checkpoint of the largest model (seconds to a minute).
+    timeout = datetime.timedelta(minutes=10)
+    dist.init_process_group(backend, timeout=timeout, **options)
+    return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
 
 def build(config: Config, env: Env, run: Run) -> tuple:
-    """The model with its first weights, the module each step calls, its DDP or FSDP wrapper,
-    AdamW and the schedule, restored from the checkpoint when resuming."""
     # The same initialisation on every rank (the same seed, drawn on the CPU), then the weights
     # of the checkpoint or of init_from, all before DDP or FSDP takes the model over.
     torch.manual_seed(config.training.seed)
@@ -401,11 +372,34 @@ def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
 
 
 class Progress:
-    """Each logging step's record and line: the loss over the global batch, lr, gradient norm,
+    """The run's log: its first lines (what runs where, on what, from where), then at each
+    logging step a record and a line: the loss over the global batch, lr, gradient norm,
     tokens/s of training time alone, MFU (of all the job's GPUs) and the time to the end."""
 
-    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, records: checkpoint.Records):
+    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, records: checkpoint.Records,
+                 shards, eval_rows):
         self.records, self.max_steps, self.start_step = records, config.training.max_steps, run.start_step
+        try:  # the commit of this code, so the run can be reproduced from its log
+            version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):  # no git, or a fork without its history
+            version = "unknown"
+        log = records.log
+        log.info(f"run {run.dir} | code {version} | torch {torch.__version__} | device {env.device} | "
+                 f"precision {env.precision} | compile {env.compile}" + (
+                     f" | {env.world_size} processes, {config.training.distributed} over {dist.get_backend()}"
+                     if dist.is_initialized() else ""))
+        log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
+                 f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
+                 f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
+                 f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
+                     f" | evaluation: {len(eval_rows):,} sequences" if eval_rows is not None else ""))
+        init_from = config.checkpointing.training.init_from
+        if run.resumed_from is not None:
+            log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
+                "; checkpointing.training.init_from ignored" if init_from else ""))
+        elif init_from is not None:
+            log.info(f"initial weights from {init_from} (checkpointing.training.init_from)")
         self.tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
         peak = peak_flops(env.device) * env.world_size
         self.mfu_per_token = model.flops_per_token(config.model.max_seq_len) / peak if peak else None
@@ -450,30 +444,6 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "A1
 def peak_flops(device: torch.device) -> float:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
-
-
-def log_start(log: logging.Logger, config: Config, env: Env, run: Run, model: PicoDecoder, shards, eval_rows):
-    """The run's first lines: what runs where, on what, from where."""
-    try:  # the commit of this code, so the run can be reproduced from its log
-        version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):  # no git, or a fork without its history
-        version = "unknown"
-    log.info(f"run {run.dir} | code {version} | torch {torch.__version__} | device {env.device} | "
-             f"precision {env.precision} | compile {env.compile}" + (
-                 f" | {env.world_size} processes, {config.training.distributed} over {dist.get_backend()}"
-                 if dist.is_initialized() else ""))
-    log.info(f"model: {model.num_params():,} parameters | data: {shards.num_rows:,} rows in "
-             f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
-             f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
-             f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
-                 f" | evaluation: {len(eval_rows):,} sequences" if eval_rows is not None else ""))
-    init_from = config.checkpointing.training.init_from
-    if run.resumed_from is not None:
-        log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
-            "; checkpointing.training.init_from ignored" if init_from else ""))
-    elif init_from is not None:
-        log.info(f"initial weights from {init_from} (checkpointing.training.init_from)")
 
 
 class Checkpoints:
@@ -563,8 +533,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
         n_tokens += counted
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
     model.train()
-    totals = torch.stack([nll, torch.tensor(n_tokens, dtype=torch.float64, device=device),
-                          torch.tensor(n_bytes, dtype=torch.float64, device=device)])
+    totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
     if dist.is_initialized():
         dist.all_reduce(totals)
     nll, n_tokens, n_bytes = totals.tolist()
@@ -577,8 +546,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     return results
 
 
-def hub_uploader(config: Config, run_dir: Path, log: logging.Logger) -> checkpoint.HubUploader:
-    """Uploads of the run's checkpoints to checkpointing.hf_checkpoint.repo_id, branch run_name."""
+def hub_uploader(config: Config, run_dir: Path, log) -> checkpoint.HubUploader:
     hf = config.checkpointing.hf_checkpoint
     log.info(f"upload: each checkpoint to {hf.repo_id}, branch {config.checkpointing.run_name}")
     return checkpoint.HubUploader(run_dir, hf.repo_id, config.checkpointing.run_name, log,
@@ -596,6 +564,11 @@ class StopSignals:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def stopped(self, step: int, log) -> int:
+        log.info(f"{self.received or 'another rank was signalled'}: stopped at step {step}; re-run the "
+                 f"same command to resume")
+        return 0
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
