@@ -117,11 +117,11 @@ def main(argv: list[str]) -> int:
 
 
 def train_step(step_model, wrapper, batch: torch.Tensor, autocast) -> torch.Tensor:
-    """Forward and backward over one step's micro-batches, batch [micro-steps, rows, T + 1] of
-    this rank's rows. Each micro-batch's mean loss is scaled so the gradient is that of the mean
-    over this rank's rows; DDP and FSDP average it over the ranks in the last micro-step's
-    backward, giving the gradient of the mean over the global batch. Returns the mean loss of
-    this rank's rows, left on the device (reading it would wait for the GPU)."""
+    """Forward and backward over one step's micro-batches, batch [micro-steps, rows, T + 1] of this
+    rank's rows. Each micro-batch's mean loss is scaled so the gradient is that of the mean over this
+    rank's rows; the earlier micro-steps only add to this rank's gradients, the last one's backward
+    averages them over the ranks (DDP, FSDP): the gradient of the mean over the global batch.
+    Returns the mean loss of this rank's rows, left on the device (reading it would wait for the GPU)."""
     accum = len(batch)
     step_loss = torch.zeros((), device=batch.device)
     for i, micro in enumerate(batch):
