@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
     parser.add_argument("--memory", action="store_true", help="memory per GPU under DDP and FSDP instead")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
-    parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU and micro-step")
+    parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU, micro-step")
     args = parser.parse_args()
     if args.memory:
         return bench_memory(args)

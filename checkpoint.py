@@ -50,6 +50,7 @@ from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"  # in each checkpoint: its files and their sizes, written last
 UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
+CODE = ["*.py", "configs/*.py", "requirements*.txt"]  # the project's files copied into each run
 
 
 class CheckpointError(Exception):
@@ -345,6 +346,7 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
     def hook(module, inputs, output):
         activations[module].append(output[torch.arange(len(positions)), positions].detach().float())
     hooks = [module.register_forward_hook(hook) for module in modules.values()]
+    recompute, model.checkpoint_blocks = model.checkpoint_blocks, False  # hooks would see blocks twice
     try:
         for start in range(0, len(rows), ld.batch_size):
             chunk = rows[start:start + ld.batch_size]
@@ -357,6 +359,7 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
             for g, new in zip(gradients, torch.autograd.grad(loss * (n_tokens / total_tokens), weights)):
                 g += new.float()
     finally:
+        model.checkpoint_blocks = recompute
         for handle in hooks:
             handle.remove()
     outputs = [torch.cat(parts) if parts else torch.zeros(0, w.shape[0], device=device)
@@ -415,11 +418,11 @@ def _dcp(call, optimizer_state: dict, path: Path):
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
                     data_position: int, model_state: dict | None = None,
-                    learning_dynamics: dict | None = None) -> Path:
+                    learning_dynamics: dict | None = None, tokenizer: dict[str, bytes] | None = None) -> Path:
     """Write checkpoints/step_{step} completely, then point `latest` at it. Every rank calls it and
     writes its part of optimizer/ (DDP's replicated tensors once), keyed by parameter name so that
     it loads at another world size or strategy; rank 0 writes the rest. model_state: the whole
-    weights (the FSDP gather) if not model.state_dict()."""
+    weights (the FSDP gather) if not model.state_dict(); tokenizer: files beside config.json."""
     final, tmp = checkpoints_dir / f"step_{step}", checkpoints_dir / f".step_{step}.tmp"
     writer = world()[1] == 0
     try:
@@ -431,6 +434,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
         barrier()  # every rank's shard is on disk before rank 0 lists and seals the directory
         if writer:
             export_hf(model.state_dict() if model_state is None else model_state, model.config, tmp)
+            for name, content in (tokenizer or {}).items():
+                (tmp / name).write_bytes(content)
             np_state = np.random.get_state()  # as plain tensors and tuples: torch.load(weights_only=True)
             rng = {"python": random.getstate(),
                    "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
@@ -468,6 +473,20 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                               f"{shutil.disk_usage(checkpoints_dir).free:,} bytes free, the last "
                               f"checkpoint took {needed:,}: free space, then re-run to resume") from None
     return final
+
+
+def checkpoint_bytes(model: PicoDecoder, ld, train_rows: int, val_rows: int,
+                     tokenizer: dict[str, bytes] | None) -> dict[str, int]:
+    """The bytes save_checkpoint will write, by part, from the shapes alone (for the run's plan):
+    float32 weights, AdamW's two float32 moments, the captures (activations of each row, weights,
+    gradients) and the tokenizer; headers and the small files are left out."""
+    modules = capture_modules(model, ld.layer_suffixes, ld.layers).values()
+    rows = (train_rows if ld.capture_train else 0) + val_rows
+    captured = {"activations": rows * sum(m.weight.shape[0] for m in modules),
+                "weights and gradients": 2 * (bool(train_rows and ld.capture_train) + bool(val_rows))
+                * sum(m.weight.numel() for m in modules)}
+    return {"weights": 4 * model.num_params(), "optimizer": 8 * model.num_params(),
+            "captures": 4 * sum(captured.values()), "tokenizer": sum(map(len, (tokenizer or {}).values()))}
 
 
 def _point_latest(checkpoints_dir: Path, name: str):
@@ -585,8 +604,10 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
 
 class Records:
     """What rank 0 records: training_config.yaml (as pico-analyze reads it), the log, metrics.jsonl
-    (mirrored to Weights & Biases with monitoring.save_to_wandb). Other ranks log trouble only.
-    A resumed run replays the steps after its checkpoint: their old records are dropped first."""
+    (mirrored to Weights & Biases with monitoring.save_to_wandb), and the code of each start in
+    code/TIME/ (TIME: its log's), so a fork without git history can still be reproduced. Other
+    ranks log trouble only. A resumed run replays the steps after its checkpoint: their old
+    records are dropped first."""
 
     def __init__(self, run_dir: Path, config, start_step: int):
         self.metrics, self.wandb = (run_dir / "metrics.jsonl" if world()[1] == 0 else None), None
@@ -600,7 +621,13 @@ class Records:
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
             kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= start_step]
             write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
-        self.log = run_log(run_dir, config.monitoring.logging.log_level)
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        self.log = run_log(run_dir, config.monitoring.logging.log_level, stamp)
+        root = Path(__file__).resolve().parent
+        for path in [p for pattern in CODE for p in root.glob(pattern)]:
+            copy = run_dir / "code" / stamp / path.relative_to(root)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy)
         if config.monitoring.save_to_wandb:
             self.wandb = self._start_wandb(config)
 
@@ -687,14 +714,14 @@ def lock_run_directory(run_dir: Path, start_over: bool):
     return lock
 
 
-def run_log(run_dir: Path, level: str) -> logging.Logger:
+def run_log(run_dir: Path, level: str, stamp: str | None = None) -> logging.Logger:
     """The run's log: stdout, and a file of its own in logs/ for each start of the run."""
     log = logging.getLogger("pico")
     log.setLevel(level)
     log.handlers.clear()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     for handler in (logging.StreamHandler(sys.stdout),
                     logging.FileHandler(run_dir / "logs" / f"log_{stamp}.log", encoding="utf-8")):
         handler.setFormatter(formatter)
@@ -719,7 +746,8 @@ def read_uploads(run_dir: Path) -> dict[str, list[int]]:
 
 class HubUploader:
     """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id` as
-    pico-train does, less its Fabric state: the optimizer and training state stay local, for resume.
+    pico-train does, with the tokenizer, metrics.jsonl and the logs; with upload_optimizer also the
+    optimizer and training state, at their paths in step_N/, so the branch resumes as a checkpoint.
     One background thread uploads, so a training step never waits for the network. A step is
     pending in uploads.json from before it is queued until all its commits are made, so one that a
     crash or an outage left pending is queued again at the next start. A commit is tried `attempts`
@@ -727,9 +755,9 @@ class HubUploader:
     once and stays pending. Nothing here raises into the training loop or prints the token."""
 
     def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
-                 retry_delay: float = 10.0):
+                 retry_delay: float = 10.0, upload_optimizer: bool = False):
         self.run_dir, self.repo_id, self.branch, self.log = Path(run_dir), repo_id, branch, log
-        self.attempts, self.retry_delay = attempts, retry_delay
+        self.attempts, self.retry_delay, self.upload_optimizer = attempts, retry_delay, upload_optimizer
         self.record = read_uploads(self.run_dir)  # and uploads.json, rewritten at each change
         self.lock = threading.Lock()  # around the record: the loop adds steps, the thread moves them
         self.queue: queue.Queue[int | None] = queue.Queue()
@@ -791,7 +819,8 @@ class HubUploader:
         commits = {f"Saving HF Model -- Step {step}": {
             "config.json": directory / "config.json",
             "model.safetensors": directory / "model.safetensors",
-            "training_config.yaml": self.run_dir / "training_config.yaml"}}
+            "training_config.yaml": self.run_dir / "training_config.yaml",
+            **{name: directory / name for name in data.TOKENIZER_FILES if (directory / name).exists()}}}
         for split in ("train", "val"):
             commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
                 f"learning_dynamics/{p.name}": p
@@ -799,6 +828,14 @@ class HubUploader:
         results = self.run_dir / "eval_results" / f"step_{step}.json"
         commits[f"Saving Evaluation Results -- Step {step}"] = (
             {f"eval_results/{results.name}": results} if results.exists() else {})
+        logs = [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "logs").glob("*.log"))]
+        commits[f"Saving Logs -- Step {step}"] = {
+            p.relative_to(self.run_dir).as_posix(): p for p in logs if p.exists()}
+        if self.upload_optimizer and (directory / "optimizer").is_dir():
+            state = [directory / MANIFEST, directory / "training_state.pt",
+                     *(directory / "optimizer").iterdir()]
+            commits[f"Saving Training State -- Step {step}"] = {
+                p.relative_to(directory).as_posix(): p for p in state}
         commits = {title: files for title, files in commits.items() if files}  # a kind without files: none
         for title, files in commits.items():
             for attempt in range(self.attempts):

@@ -46,7 +46,8 @@ class DataLoaderConfig:
 
 @dataclass(slots=True)
 class TokenizerConfig:
-    name: str = "allenai/OLMo-7B-0724-hf"  # what made the token ids; the trainer never runs it
+    # What made the ids (a Hub model repo, or "bytes"): saved with every checkpoint; None: none
+    name: str | None = "allenai/OLMo-7B-0724-hf"
     vocab_size: Positive = 50304
 
 

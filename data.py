@@ -577,8 +577,7 @@ def tokenizer_files(name: str, max_seq_len: int) -> dict[str, bytes]:
         return byte_tokenizer(max_seq_len)
     repo_id, _, revision = name.partition("@")
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES,
-                                        tqdm_class=silent_tqdm))
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES))
     except Exception as e:
         raise DataError(f"data.tokenizer.name={name!r}: {without_token(hub_failure(e))}") from None
     files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name in TOKENIZER_FILES}

@@ -50,7 +50,9 @@ def plot(run_dir: Path, out: Path):
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("error: plot.py needs matplotlib, an optional extra: pip install matplotlib") from None
+        matplotlib = None
+    if matplotlib is None:
+        raise SystemExit("error: plot.py needs matplotlib, an optional extra: pip install matplotlib")
     matplotlib.use("Agg")  # files only: no display needed on a cluster node
     import matplotlib.pyplot as plt
 

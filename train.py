@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def main(argv: list[str]) -> int:
     records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
     progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
+    if env.rank == 0:
+        log_plan(records.log, config, run, model, ld_rows, saver.tokenizer)
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
@@ -78,7 +81,8 @@ def main(argv: list[str]) -> int:
                 return stop.stopped(step, records.log)
             batch = rows.to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
             if step == 0 and run.resumed_from is None:
-                saver.save(0, batch)  # the initialisation, captured on the first batch
+                with progress.paused():
+                    saver.save(0, batch)  # the initialisation, captured on the first batch
 
             loss = train_step(step_model, wrapper, batch, env.autocast)
             logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
@@ -164,6 +168,10 @@ def is_checkpoint_step(step: int, config: Config) -> bool:
     ckpt = config.checkpointing
     early = step <= ckpt.log_spaced_until and (step == 0 or step & (step - 1) == 0)
     return step % ckpt.save_every_n_steps == 0 or step == config.training.max_steps or early
+
+
+def checkpoint_steps(config: Config, first: int) -> list[int]:
+    return [step for step in range(first, config.training.max_steps + 1) if is_checkpoint_step(step, config)]
 
 
 @dataclasses.dataclass
@@ -266,7 +274,8 @@ def already_done(config: Config, run: Run, env: Env) -> int:
 def open_data(config: Config, env: Env) -> tuple:
     seq_len, vocab, seed = config.model.max_seq_len, config.model.vocab_size, config.data.seed
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, vocab, seed,
-                               config.data.dataset.max_cached_shards, shared=env.world_size > 1)
+                               config.data.dataset.max_cached_shards, shared=env.world_size > 1,
+                               order_seed=config.data.order_seed)
     max_steps, global_batch = config.training.max_steps, config.data.dataloader.batch_size
     if max_steps * global_batch > shards.num_rows:
         raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "
@@ -321,6 +330,7 @@ def build(config: Config, env: Env, run: Run) -> tuple:
     # of the checkpoint or of init_from, all before DDP or FSDP takes the model over.
     torch.manual_seed(config.training.seed)
     model = PicoDecoder(config.model).to(env.device)
+    model.checkpoint_blocks = config.training.activation_checkpointing
     if run.weights is not None:
         model.load_state_dict(run.weights)
         run.weights = None
@@ -405,6 +415,8 @@ class Progress:
         self.mfu_per_token = model.flops_per_token(config.model.max_seq_len) / peak if peak else None
         self.t_start = self.t_log = time.perf_counter()
         self.steps_at_log = run.start_step
+        self.checkpoints = checkpoint_steps(config, run.start_step + 1)  # those still to save
+        self.saving = [0.0, 0]  # seconds spent saving checkpoints, and how many
 
     def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor):
         """The only place the loop waits for the device."""
@@ -413,7 +425,15 @@ class Progress:
             loss /= dist.get_world_size()
         now = time.perf_counter()
         tokens_per_s = (done - self.steps_at_log) * self.tokens_per_step / (now - self.t_log)
-        eta = (now - self.t_start) / (done - self.start_step) * (self.max_steps - done)
+        # The time to the end: the steps left at the pace so far, and the checkpoints left at theirs
+        per_step = (now - self.t_start - self.saving[0]) / (done - self.start_step)
+        per_checkpoint = self.saving[0] / max(1, self.saving[1])
+        checkpoints_left = sum(step >= done for step in self.checkpoints)  # this step's is saved next
+        eta = per_step * (self.max_steps - done) + per_checkpoint * checkpoints_left
+        if self.steps_at_log == self.start_step:  # the first logged step: the plan's time
+            self.records.log.info(f"plan: {datetime.timedelta(seconds=int(eta))} to step {self.max_steps}: "
+                                  f"{per_step:.3g} s per step, {checkpoints_left} checkpoints of "
+                                  f"{per_checkpoint:.3g} s each (as far as measured)")
         record = {"step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_seen": done * self.tokens_per_step, "tokens_per_s": tokens_per_s}
         if self.mfu_per_token:
@@ -430,10 +450,11 @@ class Progress:
 
     @contextlib.contextmanager
     def paused(self):
-        """Time spent here (checkpoints) does not count in tokens/s."""
+        """Time spent here (saving a checkpoint) counts apart from training: not in tokens/s."""
         paused = time.perf_counter()
         yield
         self.t_log += time.perf_counter() - paused
+        self.saving = [self.saving[0] + time.perf_counter() - paused, self.saving[1] + 1]
 
 
 # Dense bf16 peaks from the vendors' datasheets, for MFU; the first name in the device's wins.
@@ -458,6 +479,12 @@ class Checkpoints:
         self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
+        self.tokenizer = None  # data.tokenizer.name's files, saved in every checkpoint by rank 0
+        if env.rank == 0 and config.data.tokenizer.name is not None:
+            try:
+                self.tokenizer = data.tokenizer_files(config.data.tokenizer.name, config.model.max_seq_len)
+            except data.DataError as e:  # a tokenizer is a convenience: never a reason to stop
+                records.log.warning(f"{e}; checkpoints are saved without a tokenizer")
 
     def whole_model(self) -> PicoDecoder:
         """The model with all its weights on this rank: under FSDP an unsharded copy (a
@@ -483,7 +510,8 @@ class Checkpoints:
                                                 self.env.device, self.env.autocast)
         path = checkpoint.save_checkpoint(self.dir / "checkpoints", done, self.model, self.optimizer,
                                           self.scheduler, done * self.config.data.dataloader.batch_size,
-                                          model_state=whole.state_dict(), learning_dynamics=captures)
+                                          model_state=whole.state_dict(), learning_dynamics=captures,
+                                          tokenizer=self.tokenizer)
         if ckpt.keep_last_n_optimizer_states is not None and self.env.rank == 0:
             checkpoint.drop_old_optimizer_states(self.dir / "checkpoints", ckpt.keep_last_n_optimizer_states)
         self.records.log.info(f"saved {path}")
@@ -550,7 +578,36 @@ def hub_uploader(config: Config, run_dir: Path, log) -> checkpoint.HubUploader:
     hf = config.checkpointing.hf_checkpoint
     log.info(f"upload: each checkpoint to {hf.repo_id}, branch {config.checkpointing.run_name}")
     return checkpoint.HubUploader(run_dir, hf.repo_id, config.checkpointing.run_name, log,
-                                  hf.upload_attempts, hf.upload_retry_delay)
+                                  hf.upload_attempts, hf.upload_retry_delay, hf.upload_optimizer)
+
+
+def log_plan(log, config: Config, run: Run, model: PicoDecoder, ld_rows, tokenizer: dict | None):
+    """Before the first step: the checkpoints still to write, their bytes and the room for them."""
+    ckpt = config.checkpointing
+    steps = checkpoint_steps(config, run.start_step + (run.resumed_from is not None))
+    sizes = checkpoint.checkpoint_bytes(model, ckpt.learning_dynamics, config.data.dataloader.batch_size,
+                                        len(ld_rows or []), tokenizer)
+    with_optimizer = min(len(steps), ckpt.keep_last_n_optimizer_states or len(steps))
+    total = len(steps) * sum(sizes.values()) - (len(steps) - with_optimizer) * sizes["optimizer"]
+    free = shutil.disk_usage(run.dir).free
+    shown = ", ".join(map(str, steps if len(steps) <= 16 else steps[:12] + ["..."] + steps[-2:]))
+    log.info(f"plan: {len(steps)} checkpoints, at steps {shown}")
+    log.info(f"plan: {in_bytes(sum(sizes.values()))} per checkpoint (" + ", ".join(
+        f"{part} {in_bytes(n)}" for part, n in sizes.items() if n) + f"), {in_bytes(total)} in all; "
+             f"{in_bytes(free)} free on the file system of {run.dir}")
+    if total > free:
+        log.warning(f"plan: the checkpoints need {in_bytes(total)} and only {in_bytes(free)} is free: "
+                    f"the run will stop when the disk is full (checkpointing.keep_last_n_optimizer_states "
+                    f"keeps the optimizer state, 2/3 of a checkpoint, in the newest N only)")
+
+
+def in_bytes(n: float) -> str:
+    """Bytes in the largest unit that leaves a number of at least 1."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 class StopSignals:

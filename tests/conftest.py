@@ -1,6 +1,11 @@
 """Fixtures shared by the test files."""
 
+import os
 import threading
+
+# No test reaches the real Hub: without the stand-in (the `hub` fixture), huggingface_hub reads
+# its cache only. Set before anything imports huggingface_hub, and inherited by subprocesses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest

@@ -81,6 +81,16 @@ def test_two_processes_give_the_losses_and_weights_of_one(runs, strategy):
     assert_same_weights(dirs["one"], dirs[strategy])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_under_two_processes_gives_the_run_of_one(runs, strategy):
+    dirs, config, common = runs
+    torchrun(config, *common, *TWO, f"--checkpointing.run_name={strategy}-ac",
+             f"--training.distributed={strategy}", "--training.activation_checkpointing=True")
+    assert_same_losses(dirs["one"], dirs["one"].parent / f"{strategy}-ac")
+    assert_same_weights(dirs["one"], dirs["one"].parent / f"{strategy}-ac")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_write_the_learning_dynamics_of_one(runs, strategy):
     dirs, _, _ = runs

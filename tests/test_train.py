@@ -41,6 +41,7 @@ checkpointing.save_every_n_steps = 4
 evaluation.metrics = []
 checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
+data.tokenizer.name = None
 """
 
 

@@ -80,7 +80,8 @@ def saved_steps(config: Path) -> list[int]:
 def titles_of(step: int) -> list[str]:
     """pico-train's commits for one checkpoint, in our order."""
     return [f"Saving HF Model -- Step {step}", f"Saving Learning Dynamics Data (train) -- Step {step}",
-            f"Saving Learning Dynamics Data (val) -- Step {step}", f"Saving Evaluation Results -- Step {step}"]
+            f"Saving Learning Dynamics Data (val) -- Step {step}", f"Saving Evaluation Results -- Step {step}",
+            f"Saving Logs -- Step {step}"]
 
 
 def branch_titles() -> list[str]:
@@ -112,10 +113,12 @@ def test_each_checkpoint_is_pushed_to_branch_run_name_in_pico_trains_layout(tiny
     steps, run = saved_steps(tiny), run_dir(tiny)
     assert steps == [0, 1, 2]
     branch = Path(snapshot_download(REPO, revision="run"))
-    # The HF model and the config at the root; optimizer.pt, training_state.pt and
-    # checkpoint.json stay in the run directory.
+    # The HF model and the config at the root, and the run's records; the optimizer and training
+    # state stay in the run directory (without checkpointing.hf_checkpoint.upload_optimizer).
     assert files_in(branch) == {"config.json", "model.safetensors", "training_config.yaml",
-                                *LEARNING_DYNAMICS, *(f"eval_results/step_{s}.json" for s in steps)}
+                                *LEARNING_DYNAMICS, *(f"eval_results/step_{s}.json" for s in steps),
+                                "metrics.jsonl", *(f"logs/{p.name}" for p in (run / "logs").iterdir())}
+    assert (branch / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
     assert (branch / "training_config.yaml").read_bytes() == (run / "training_config.yaml").read_bytes()
     for s in steps:
         assert (branch / f"eval_results/step_{s}.json").read_bytes() == \
@@ -146,6 +149,26 @@ def test_list_repo_commits_finds_every_step_by_pico_analyzes_titles(tiny, hub):
                 name = f"{split}_{kind}.pt"
                 assert (snapshot / "learning_dynamics" / name).read_bytes() == \
                     (run / "checkpoints" / f"step_{s}" / "learning_dynamics" / name).read_bytes()
+
+
+def test_with_upload_optimizer_the_branch_at_a_step_resumes_as_that_checkpoint(tiny, hub):
+    result = train(tiny, "--checkpointing.hf_checkpoint.upload_optimizer=True")
+    assert result.returncode == 0, result.stderr
+    assert "Saving Training State -- Step 2" in branch_titles()
+    # The branch holds step_2's files at their paths in step_2/: a complete checkpoint once copied
+    # into a run directory, which the same command then resumes from.
+    branch = Path(snapshot_download(REPO, revision="run"))
+    local = run_dir(tiny) / "checkpoints" / "step_2"
+    assert files_in(local) <= files_in(branch)
+    copy = tiny.parent / "runs" / "from-hub" / "checkpoints" / "step_2"
+    copy.mkdir(parents=True)
+    for name in files_in(local):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((branch / name).read_bytes())
+    (copy.parent.parent / "training_config.yaml").write_bytes((branch / "training_config.yaml").read_bytes())
+    assert checkpoint.check_complete(copy)["step"] == 2
+    resumed = train(tiny, "--checkpointing.run_name=from-hub", "--training.max_steps=3")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
 
 
 def test_commits_failing_do_not_stop_training_and_are_logged_once_per_checkpoint(tiny, hub):
@@ -238,7 +261,7 @@ def test_steps_left_pending_by_an_earlier_run_are_uploaded_first(hub, tmp_path, 
         hub_uploader.submit(9)
         hub_uploader.close()
     assert "steps [3, 6], left pending by an earlier run, are queued first" in caplog.text
-    assert branch_titles() == [title for s in (3, 6, 9) for title in titles_of(s)]
+    assert branch_titles() == [title for s in (3, 6, 9) for title in titles_of(s)[:-1]]  # no logs in fake_run
     assert checkpoint.read_uploads(run) == {"pending": [], "uploaded": [3, 6, 9]}
 
 
