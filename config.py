@@ -365,7 +365,8 @@ def check_resume_compatible(config: Config, saved_path: Path):
     try:
         saved = yaml.safe_load(saved_path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{saved_path}: cannot be read ({e}); expected the config of the run "
+        first = (str(e).strip().splitlines() or [""])[0]  # YAML's errors span several lines
+        raise ConfigError(f"{saved_path}: cannot be read ({first}); expected the config of the run "
                           f"being resumed") from None
     differ = []
     keys = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]

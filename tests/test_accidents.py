@@ -306,3 +306,11 @@ def test_sigterm_while_waiting_on_a_stalled_hub_saves_and_stops_within_seconds(h
     assert proc.returncode == 0 and time.monotonic() - signalled < 15, output
     assert "SIGTERM: stopped at step" in output
     assert checkpoint.verify(tmp_path / "runs" / "run") == 0
+
+
+def test_a_damaged_training_config_yaml_refuses_the_resume_in_one_line(tiny):
+    config, runs = tiny
+    run(config, "--training.max_steps=2")
+    (runs / "run" / "training_config.yaml").write_text("model: [1, 2\nx: {\n")
+    line = one_line_error(run(config, "--training.max_steps=4", check=False))
+    assert "training_config.yaml: cannot be read (while parsing" in line and "expected the config" in line
