@@ -25,6 +25,12 @@ Scaling across processes: pico's training step with each process on its own batc
 wrapper, then in all N processes under DDP or FSDP as train.py sets them up, in the same run.
 efficiency = tokens/s of the N processes / (N x tokens/s of the one).
 
+    python bench.py --layer-stats [--model small] [--batch-size 4] [--seq-len 256]
+
+The cost of monitoring.logging.layer_stats on a logging step: pico's training step with and
+without train.LayerStats around its optimizer step, interleaved, in the same run. Steps that do
+not log run no code of it at all.
+
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
 Memory per GPU for a suite size, under DDP and under FSDP over --gpus GPUs, with and without
@@ -231,6 +237,37 @@ def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, devi
     print(f"| {step_s * 1e3:,.0f} ms | {capture_s * 1e3:,.0f} ms | {capture_s / (1000 * step_s):.2%} |")
 
 
+def bench_layer_stats(args, device: torch.device):
+    (model, optimizer), _ = build(args.model, args.seq_len, device)
+    stats = train.LayerStats(model)
+    tokens = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+
+    def timed(with_stats: bool) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = pico_loss(model, tokens)
+        loss.backward()
+        before = stats.before() if with_stats else None
+        optimizer.step()
+        if with_stats:
+            stats.after(before)
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+    for _ in range(args.warmup):
+        timed(False), timed(True)
+    times = {False: [], True: []}
+    for r in range(args.rounds):
+        for with_stats in ((False, True) if r % 2 == 0 else (True, False)):
+            times[with_stats].append(timed(with_stats))
+    plain, logged = (statistics.median(times[k]) for k in (False, True))
+    print(f"\nMachine: {machine(device)}. pico-decoder-{args.model}, {args.batch_size} x {args.seq_len} "
+          f"tokens, median of {args.rounds} interleaved steps: {plain * 1e3:.1f} ms without, "
+          f"{logged * 1e3:.1f} ms with per-layer statistics: +{logged / plain - 1:.1%} on a logging step.")
+
+
 def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:
     """Bytes of the tensors autograd keeps for the backward of one row of `tokens` tokens (bf16
     autocast, on the CPU), weights and their bf16 copies included."""
@@ -341,11 +378,14 @@ def main() -> None:
                         help="under torchrun: tokens/s of N processes against one (see above)")
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
     parser.add_argument("--memory", action="store_true", help="memory per GPU under DDP and FSDP instead")
+    parser.add_argument("--layer-stats", action="store_true", help="the cost of per-layer statistics instead")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
     parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU, micro-step")
     args = parser.parse_args()
     if args.memory:
         return bench_memory(args)
+    if args.layer_stats:
+        return bench_layer_stats(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.scaling:
         return bench_scaling(args)
     if args.data:

@@ -145,6 +145,7 @@ class EvaluationConfig:
 class LoggingConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_every_n_steps: Positive = 100
+    layer_stats: bool = True  # each log step: weight, gradient and update norms per layer
 
 
 @dataclass(slots=True)

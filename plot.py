@@ -4,8 +4,9 @@
 
 Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and draws, each where
 the run recorded it: the training loss with the evaluation loss, the evaluation perplexity, the
-learning rate, the gradient norm and the throughput. Needs matplotlib, an optional extra:
-pip install matplotlib.
+learning rate, the gradient norm, the throughput, and per layer (monitoring.logging.layer_stats)
+the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an
+optional extra: pip install matplotlib.
 """
 
 import argparse
@@ -37,11 +38,16 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def panels(series: dict) -> list[tuple[str, list[str], bool]]:
     """(title, keys, log y axis) of each panel the run has data for."""
+    def per_layer(kind):
+        return [key for key in series if key.startswith(kind + "/")]  # in the model's order
     found = [("loss", ["loss", "paloma_loss"], False),
              ("evaluation perplexity", ["paloma_perplexity"], True),
              ("learning rate", ["lr"], False),
              ("gradient norm", ["grad_norm"], True),
-             ("tokens/s", ["tokens_per_s"], False)]
+             ("tokens/s", ["tokens_per_s"], False),
+             ("weight norm per layer", per_layer("weight_norm"), False),
+             ("gradient norm per layer", per_layer("grad_norm"), True),
+             ("update / weight norm per layer", per_layer("update_ratio"), True)]
     return [(title, [key for key in keys if key in series], log) for title, keys, log in found
             if any(key in series for key in keys)]
 

@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     if env.rank == 0:
         log_plan(records.log, config, run, model, ld_rows, saver.tokenizer)
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
+    layer_stats = LayerStats(model) if config.monitoring.logging.layer_stats else None
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
     try:
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
 
             loss = train_step(step_model, wrapper, batch, env.autocast)
             logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
+            before = layer_stats.before() if logging_step and layer_stats else None  # log steps only
             grad_norm = clip_gradients(model, config.training.optimization.max_grad_norm, logging_step)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> int:
             finite.watch(done, loss, grad_norm)  # on the device: the loop does not wait for it
             if logging_step:
                 finite.check()
-                progress.log(done, loss, lr, grad_norm)
+                progress.log(done, loss, lr, grad_norm, layer_stats.after(before) if layer_stats else {})
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
             stopping = checkpoint.any_rank(stop.received is not None, flags)
@@ -418,8 +420,8 @@ class Progress:
         self.checkpoints = checkpoint_steps(config, run.start_step + 1)  # those still to save
         self.saving = [0.0, 0]  # seconds spent saving checkpoints, and how many
 
-    def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor):
-        """The only place the loop waits for the device."""
+    def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, layers: dict):
+        """The only place the loop waits for the device. layers: LayerStats.after's record."""
         if dist.is_initialized():  # the mean over the global batch, not this rank's rows
             dist.all_reduce(loss)
             loss /= dist.get_world_size()
@@ -435,7 +437,7 @@ class Progress:
                                   f"{per_step:.3g} s per step, {checkpoints_left} checkpoints of "
                                   f"{per_checkpoint:.3g} s each (as far as measured)")
         record = {"step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_seen": done * self.tokens_per_step, "tokens_per_s": tokens_per_s}
+                  "tokens_seen": done * self.tokens_per_step, "tokens_per_s": tokens_per_s, **layers}
         if self.mfu_per_token:
             record["mfu"] = self.mfu_per_token * tokens_per_s
         self.records.write(record)
@@ -455,6 +457,44 @@ class Progress:
         yield
         self.t_log += time.perf_counter() - paused
         self.saving = [self.saving[0] + time.perf_counter() - paused, self.saving[1] + 1]
+
+
+class LayerStats:
+    """At logging steps, for the embedding, each block and the output layer (with its norm): the
+    norm of the weights after the step, of the gradient (before clipping) and of the step's
+    update over the weights' norm before it. All of it is one stacked tensor, read once; the
+    other steps do nothing. The update needs the weights before the step: a copy, on log steps
+    only. Under FSDP each rank holds a shard, so squared sums are added over the ranks."""
+
+    def __init__(self, model: PicoDecoder):
+        def group(name: str) -> str:
+            return ".".join(name.split(".")[:2]) if name.startswith("layers.") else (
+                "embedding" if name.startswith("embedding_proj") else "output")
+        named = [(group(name), p) for name, p in model.named_parameters()]
+        self.groups = list(dict.fromkeys(g for g, _ in named))  # in model order
+        self.params = [p for _, p in named]
+        self.index = torch.tensor([self.groups.index(g) for g, _ in named], device=self.params[0].device)
+        self.sharded = hasattr(self.params[0], "to_local")  # FSDP's DTensors
+
+    def local(self, tensors) -> list[torch.Tensor]:
+        return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this rank's shard
+
+    def before(self) -> tuple:
+        grads = self.local(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params)
+        return torch.stack(torch._foreach_norm(grads)), [w.detach().clone() for w in self.local(self.params)]
+
+    def after(self, before: tuple) -> dict:
+        grad_norms, old = before
+        new = [w.detach() for w in self.local(self.params)]
+        updates = torch._foreach_sub(new, old)
+        norms = torch.stack([torch.stack(torch._foreach_norm(ws)) for ws in (new, old, updates)])
+        squares = torch.zeros(4, len(self.groups), device=norms.device, dtype=torch.float32).index_add_(
+            1, self.index, torch.cat([norms, grad_norms[None]]).float().square())
+        if self.sharded:
+            dist.all_reduce(squares)
+        weight, previous, update, grad = squares.sqrt().tolist()  # the one wait for the device
+        return {f"{kind}/{name}": value for i, name in enumerate(self.groups) for kind, value in (
+            ("weight_norm", weight[i]), ("grad_norm", grad[i]), ("update_ratio", update[i] / previous[i]))}
 
 
 # Dense bf16 peaks from the vendors' datasheets, for MFU; the first name in the device's wins.

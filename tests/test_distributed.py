@@ -5,6 +5,7 @@ against `python train.py`, on the same tiny model and data, compared through wha
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -79,6 +80,20 @@ def test_two_processes_give_the_losses_and_weights_of_one(runs, strategy):
     dirs, _, _ = runs
     assert_same_losses(dirs["one"], dirs[strategy])
     assert_same_weights(dirs["one"], dirs[strategy])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_record_the_per_layer_statistics_of_one(runs, strategy):
+    dirs, _, _ = runs
+    one, two = ([r for r in map(json.loads, (dirs[name] / "metrics.jsonl").read_text().splitlines())
+                 if "loss" in r] for name in ("one", strategy))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        stats = [key for key in a if "/" in key]
+        # embedding, 2 blocks, output: 3 statistics each
+        assert len(stats) == 3 * 4 and stats == [key for key in b if "/" in key]
+        for key in stats:
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-7), (a["step"], key, a[key], b[key])
 
 
 @pytest.mark.slow

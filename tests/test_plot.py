@@ -16,13 +16,18 @@ def write_run(run_dir, records, tail=""):
 def test_plots_the_curves_a_run_recorded(tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4}
+    records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4,
+                **{f"{kind}/{layer}": 0.1 * s for kind in ("weight_norm", "grad_norm", "update_ratio")
+                   for layer in ("embedding", "layers.0", "output")}}
                for s in range(1, 20)] + [{"step": 10, "paloma_perplexity": 30.0, "paloma_loss": 3.4}]
     write_run(run, records, tail='{"step": 20, "lo')  # a line a crash cut short is skipped
     plot.main([str(run)])
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [title for title, _, _ in plot.panels(plot.read_metrics(run))] == [
-        "loss", "evaluation perplexity", "learning rate", "gradient norm", "tokens/s"]
+        "loss", "evaluation perplexity", "learning rate", "gradient norm", "tokens/s",
+        "weight norm per layer", "gradient norm per layer", "update / weight norm per layer"]
+    assert plot.panels(plot.read_metrics(run))[5][1] == [
+        "weight_norm/embedding", "weight_norm/layers.0", "weight_norm/output"]  # the model's order
 
 
 def test_a_resumed_run_plots_each_step_once_with_its_last_record(tmp_path):
