@@ -73,6 +73,18 @@ def barrier():
         dist.barrier()
 
 
+def gather_rows(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's rows of a result (rank r: counts[r] of them), concatenated in rank order,
+    which is data order: rank r holds the r-th block of rows (data.rank_slice)."""
+    if world()[0] == 1:
+        return mine
+    padded = mine.new_zeros(max(counts), *mine.shape[1:])  # all_gather: equal sizes
+    padded[:len(mine)] = mine
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 def any_rank(flag: bool, group) -> bool:
     """Whether the flag is set on any rank, so every rank acts on it at the same step."""
     if world()[0] == 1:
@@ -366,15 +378,10 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
                for parts, w in zip(activations.values(), weights)]
     if world()[0] > 1:
         # Made whole: gradients summed (each rank's is its rows' share of the mean), activations
-        # concatenated in rank order, which is data order (rank r holds the r-th block of rows).
+        # gathered in data order.
         for g in gradients:
             dist.all_reduce(g)
-        for i, mine in enumerate(outputs):
-            padded = mine.new_zeros(max(counts), mine.shape[1])  # all_gather: equal sizes
-            padded[:len(mine)] = mine
-            parts = [torch.empty_like(padded) for _ in counts]
-            dist.all_gather(parts, padded)
-            outputs[i] = torch.cat([part[:n] for part, n in zip(parts, counts)])
+        outputs = [gather_rows(mine, counts) for mine in outputs]
     return {"activations": {name: out.cpu() for name, out in zip(modules, outputs)},
             "weights": {name: w.detach().float().cpu().clone() for name, w in zip(modules, weights)},
             "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
@@ -386,6 +393,15 @@ def write_text_atomically(path: Path, text: str):
     """A small file replaced whole or not at all: a crash leaves the old one or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_array(path: Path, array: np.ndarray):
+    """An .npy file replaced whole or not at all, as write_text_atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -825,9 +841,9 @@ class HubUploader:
             commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
                 f"learning_dynamics/{p.name}": p
                 for p in sorted((directory / "learning_dynamics").glob(f"{split}_*.pt"))}
-        results = self.run_dir / "eval_results" / f"step_{step}.json"
-        commits[f"Saving Evaluation Results -- Step {step}"] = (
-            {f"eval_results/{results.name}": results} if results.exists() else {})
+        results = [self.run_dir / "eval_results" / f"step_{step}{end}" for end in (".json", "_rows.npy")]
+        commits[f"Saving Evaluation Results -- Step {step}"] = {
+            f"eval_results/{p.name}": p for p in results if p.exists()}
         logs = [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "logs").glob("*.log"))]
         commits[f"Saving Logs -- Step {step}"] = {
             p.relative_to(self.run_dir).as_posix(): p for p in logs if p.exists()}

@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.nn.parallel import DistributedDataParallel
@@ -566,6 +568,7 @@ class Checkpoints:
                          self.env.device, self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
             if self.env.rank == 0:
                 out.parent.mkdir(exist_ok=True)
+                checkpoint.save_array(out.with_name(f"step_{done}_rows.npy"), r.pop("rows"))  # before out
                 checkpoint.write_text_atomically(out, checkpoint.json_line({"paloma": r["perplexity"]}))
                 self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
                 bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
@@ -586,21 +589,31 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     their tokens. (pico-train's `evaluate` metric averages per-sequence perplexities instead,
     which weighs a short sequence as much as a long one.) Rows may differ in length
     (data.collate). Under torch.distributed each rank evaluates its block of the rows and the
-    sums are added up (a collective): every rank returns the same results."""
+    sums are added up (a collective): every rank returns the same results. results["rows"]: each
+    row's mean loss and its number of tokens, in order (the per-example probe)."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
-    rows = rows[data.rank_slice(len(rows), *checkpoint.world())]
+    world_size, rank = checkpoint.world()
+    counts = [len(range(len(rows))[data.rank_slice(len(rows), world_size, r)]) for r in range(world_size)]
+    rows = rows[data.rank_slice(len(rows), world_size, rank)]
+    row_nll = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs, labels = (t.to(device) for t in data.collate(chunk))
         with autocast:
-            _, loss = model(inputs, labels)
+            logits, loss = model(inputs, labels)
         counted = int((labels != -100).sum())  # known on the host: no device sync for it
         nll += loss.double() * counted
         n_tokens += counted
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
+        for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
+            row_nll.append(F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100,
+                                           reduction="sum"))
     model.train()
+    lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
+    mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
+    per_row = checkpoint.gather_rows(mine, counts).cpu().numpy()
     totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -608,7 +621,9 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     mean_loss = nll / n_tokens
     # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
     perplexity = math.exp(mean_loss) if mean_loss < 709 else math.inf
-    results = {"perplexity": perplexity, "loss": mean_loss, "tokens": int(n_tokens)}
+    results = {"perplexity": perplexity, "loss": mean_loss, "tokens": int(n_tokens),
+               "rows": np.rec.fromarrays([per_row[:, 0] / per_row[:, 1], per_row[:, 1].astype(np.int64)],
+                                         names="loss,tokens")}
     if byte_level:  # every token but the end-of-document id is one byte of text
         results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results

@@ -83,6 +83,16 @@ def test_two_processes_give_the_losses_and_weights_of_one(runs, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_record_each_evaluation_rows_loss_as_one_does(runs, strategy):
+    dirs, _, _ = runs
+    for step in (0, 1, 2, 4, 6):
+        one, two = (np.load(dirs[name] / "eval_results" / f"step_{step}_rows.npy")
+                    for name in ("one", strategy))
+        assert one["tokens"].tolist() == two["tokens"].tolist() == [32, 19, 32, 1, 16, 32, 8]  # data order
+        np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_record_the_per_layer_statistics_of_one(runs, strategy):
     dirs, _, _ = runs
     one, two = ([r for r in map(json.loads, (dirs[name] / "metrics.jsonl").read_text().splitlines())
@@ -125,7 +135,7 @@ def test_two_processes_write_the_learning_dynamics_of_one(runs, strategy):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_evaluation_split_across_ranks_gives_the_perplexity_of_one_process(runs, strategy):
     dirs, _, _ = runs
-    for path in (dirs["one"] / "eval_results").iterdir():
+    for path in (dirs["one"] / "eval_results").glob("*.json"):
         one = json.loads(path.read_text())["paloma"]
         two = json.loads((dirs[strategy] / "eval_results" / path.name).read_text())["paloma"]
         assert two == pytest.approx(one, rel=1e-5)

@@ -51,6 +51,21 @@ def test_each_checkpoint_is_evaluated_with_the_perplexity_a_direct_computation_g
         assert math.isclose(record[0]["paloma_loss"], nll / tokens, rel_tol=1e-5)
 
 
+def test_each_checkpoint_records_every_evaluation_rows_loss_as_a_separate_forward_gives(tiny, tmp_path):
+    config, runs = tiny
+    rows = write_eval_set(tmp_path / "paloma" / "val", [33, 20, 33, 2, 17, 33, 9])
+    run(config, "--training.max_steps=4", *eval_args(tmp_path / "paloma"))
+    for step in (0, 4):
+        recorded = np.load(runs / "run" / "eval_results" / f"step_{step}_rows.npy")
+        model = PicoDecoder.from_pretrained(str(runs / "run" / "checkpoints" / f"step_{step}")).eval()
+        with torch.no_grad():
+            losses = [model(torch.from_numpy(r[None, :-1]), torch.from_numpy(r[None, 1:]))[1].item()
+                      for r in rows]
+        assert recorded.dtype.names == ("loss", "tokens")
+        assert recorded["tokens"].tolist() == [len(r) - 1 for r in rows]
+        np.testing.assert_allclose(recorded["loss"], losses, rtol=1e-5)
+
+
 def test_a_resumed_run_does_not_evaluate_a_checkpoint_again(tiny, tmp_path):
     config, runs = tiny
     write_eval_set(tmp_path / "paloma", [33, 33])

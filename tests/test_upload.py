@@ -116,7 +116,8 @@ def test_each_checkpoint_is_pushed_to_branch_run_name_in_pico_trains_layout(tiny
     # The HF model and the config at the root, and the run's records; the optimizer and training
     # state stay in the run directory (without checkpointing.hf_checkpoint.upload_optimizer).
     assert files_in(branch) == {"config.json", "model.safetensors", "training_config.yaml",
-                                *LEARNING_DYNAMICS, *(f"eval_results/step_{s}.json" for s in steps),
+                                *LEARNING_DYNAMICS, *(f"eval_results/step_{s}{end}" for s in steps
+                                                      for end in (".json", "_rows.npy")),
                                 "metrics.jsonl", *(f"logs/{p.name}" for p in (run / "logs").iterdir())}
     assert (branch / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
     assert (branch / "training_config.yaml").read_bytes() == (run / "training_config.yaml").read_bytes()
