@@ -693,10 +693,13 @@ def _step_of(line: str) -> float:
 def json_line(record: dict) -> str:
     """A record as one line of strict JSON, where a value that is not finite (a diverged perplexity)
     is the string "Infinity", "NaN", ...: Python's float() and JavaScript's Number() read it."""
-    strict = {key: str(value).replace("inf", "Infinity").replace("nan", "NaN")
-              if isinstance(value, float) and not math.isfinite(value) else value
-              for key, value in record.items()}
-    return json.dumps(strict, allow_nan=False) + "\n"
+    def strict(value):
+        if isinstance(value, dict):  # eval_results' perplexity per source
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+        return value
+    return json.dumps(strict(record), allow_nan=False) + "\n"
 
 
 def lock_run_directory(run_dir: Path, start_over: bool):

@@ -44,6 +44,7 @@ from huggingface_hub.utils import silent_tqdm
 from config import ConfigError, load_config
 
 COLUMN = "input_ids"
+SOURCE = "source"  # an evaluation set's optional column: evaluation reports a perplexity per source
 
 # The offline corpus: the Python standard library's own source, one byte = one token.
 EMBEDDED_CORPUS = "builtin:stdlib-bytes"
@@ -462,14 +463,28 @@ def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_ca
                          order_seed=order_seed)
 
 
-def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> list[np.ndarray]:
-    """Every row of one shard whose rows may differ in length (an evaluation set), checked.
+def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> tuple[list, list]:
+    """Every row of one shard whose rows may differ in length (an evaluation set), checked, and
+    each row's `source` where the shard has that column (Paloma's: the corpus a row comes from).
     Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
-    read_footer(name, path)
+    meta = read_footer(name, path)
     column = read_column(name, lambda: pq.read_table(path, columns=[COLUMN])[COLUMN])
     ids, bounds = read_tokens(name, column, vocab_size, 2, max_row_len)
-    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    sources = None
+    if SOURCE in meta.schema.names:
+        sources = read_column(name, lambda: pq.read_table(path, columns=[SOURCE])[SOURCE]).to_pylist()
+        sources = [str(source) for source in sources]
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])], sources
+
+
+class EvalRows(list):
+    """An evaluation set's rows, with `sources`: each row's source, or None where a shard has none."""
+
+    def __init__(self, parts: list[tuple[list, list | None]]):
+        super().__init__(row for rows, _ in parts for row in rows)
+        known = parts and all(sources is not None for _, sources in parts)
+        self.sources = [s for _, sources in parts for s in sources] if known else None
 
 
 def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,11 +519,11 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
         if not picked:
             raise DataError(f"{key}: dataset repo {hub.name} has no split {split!r}: "
                             f"no .parquet files of it (files: {', '.join(hub.files[:5])})")
-        return [row for k in picked
-                for row in read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))]
+        return EvalRows([read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))
+                         for k in picked])
     else:
         directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
-    return [row for path in list_shards(directory, key) for row in read_rows(path, max_row_len, vocab_size)]
+    return EvalRows([read_rows(path, max_row_len, vocab_size) for path in list_shards(directory, key)])
 
 
 # The embedded corpus: the offline demo's data, built from this Python's standard library -------

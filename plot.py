@@ -3,10 +3,10 @@
     python plot.py runs/RUN [--out runs/RUN/curves.png]
 
 Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and draws, each where
-the run recorded it: the training loss with the evaluation loss, the evaluation perplexity, the
-learning rate, the gradient norm, the throughput, and per layer (monitoring.logging.layer_stats)
-the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an
-optional extra: pip install matplotlib.
+the run recorded it: the training loss with the evaluation loss, the evaluation perplexity (also
+per source), the learning rate, the gradient norm, the throughput, and per layer
+(monitoring.logging.layer_stats) the weight norm, the gradient norm and the update over the
+weights. Needs matplotlib, an optional extra: pip install matplotlib.
 """
 
 import argparse
@@ -38,10 +38,10 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def panels(series: dict) -> list[tuple[str, list[str], bool]]:
     """(title, keys, log y axis) of each panel the run has data for."""
-    def per_layer(kind):
-        return [key for key in series if key.startswith(kind + "/")]  # in the model's order
+    def per_layer(kind):  # in the model's order (and the evaluation's per source)
+        return [key for key in series if key.startswith(kind + "/")]
     found = [("loss", ["loss", "paloma_loss"], False),
-             ("evaluation perplexity", ["paloma_perplexity"], True),
+             ("evaluation perplexity", ["paloma_perplexity", *per_layer("paloma_perplexity")], True),
              ("learning rate", ["lr"], False),
              ("gradient norm", ["grad_norm"], True),
              ("tokens/s", ["tokens_per_s"], False),

@@ -569,7 +569,9 @@ class Checkpoints:
             if self.env.rank == 0:
                 out.parent.mkdir(exist_ok=True)
                 checkpoint.save_array(out.with_name(f"step_{done}_rows.npy"), r.pop("rows"))  # before out
-                checkpoint.write_text_atomically(out, checkpoint.json_line({"paloma": r["perplexity"]}))
+                by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
+                checkpoint.write_text_atomically(out, checkpoint.json_line(
+                    {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})}))
                 self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
                 bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
                 self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
@@ -594,6 +596,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
+    sources = getattr(rows, "sources", None)  # data.EvalRows: each row's source (Paloma's corpora)
     world_size, rank = checkpoint.world()
     counts = [len(range(len(rows))[data.rank_slice(len(rows), world_size, r)]) for r in range(world_size)]
     rows = rows[data.rank_slice(len(rows), world_size, rank)]
@@ -619,14 +622,20 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
         dist.all_reduce(totals)
     nll, n_tokens, n_bytes = totals.tolist()
     mean_loss = nll / n_tokens
-    # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
-    perplexity = math.exp(mean_loss) if mean_loss < 709 else math.inf
-    results = {"perplexity": perplexity, "loss": mean_loss, "tokens": int(n_tokens),
+    results = {"perplexity": perplexity(mean_loss), "loss": mean_loss, "tokens": int(n_tokens),
                "rows": np.rec.fromarrays([per_row[:, 0] / per_row[:, 1], per_row[:, 1].astype(np.int64)],
                                          names="loss,tokens")}
+    for source in sorted(set(sources or [])):  # each over every token of its rows, as the whole
+        mine = np.array(sources) == source
+        results[f"perplexity/{source}"] = perplexity(per_row[mine, 0].sum() / per_row[mine, 1].sum())
     if byte_level:  # every token but the end-of-document id is one byte of text
         results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results
+
+
+def perplexity(mean_loss: float) -> float:
+    # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
+    return math.exp(mean_loss) if mean_loss < 709 else math.inf
 
 
 def hub_uploader(config: Config, run_dir: Path, log) -> checkpoint.HubUploader:

@@ -119,3 +119,26 @@ def test_the_evaluation_set_comes_from_the_split_files_of_a_hub_dataset_repo(hub
     assert [r.tolist() for r in loaded] == [r.tolist() for r in rows]
     with pytest.raises(data.DataError, match="no split 'validation'"):
         data.load_eval_set("pico-test/paloma-tinsy", "validation", SEQ + 1, VOCAB)
+
+
+def test_an_evaluation_set_with_a_source_column_gets_a_perplexity_per_source(tiny, tmp_path):
+    config, runs = tiny
+    rows = [np.random.default_rng(i).integers(0, VOCAB, n) for i, n in enumerate([33, 20, 33, 9, 17])]
+    sources = ["c4", "wiki", "c4", "code", "wiki"]  # as pico-lm/pretokenized-paloma-tinsy's 16 corpora
+    (tmp_path / "paloma" / "val").mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": pa.array([r.tolist() for r in rows], pa.list_(pa.int32())),
+                             "source": sources}), tmp_path / "paloma" / "val" / "val-00000-of-00001.parquet")
+    run(config, "--training.max_steps=2", *eval_args(tmp_path / "paloma"))
+    reported = json.loads((runs / "run" / "eval_results" / "step_2.json").read_text())
+    model = PicoDecoder.from_pretrained(str(runs / "run" / "checkpoints" / "step_2")).eval()
+    with torch.no_grad():
+        nll = [model(torch.from_numpy(r[None, :-1]), torch.from_numpy(r[None, 1:]))[1].item() * (len(r) - 1)
+               for r in rows]
+    assert sorted(reported["paloma_by_source"]) == ["c4", "code", "wiki"]
+    for source, value in reported["paloma_by_source"].items():
+        mine = [i for i, s in enumerate(sources) if s == source]
+        expected = math.exp(sum(nll[i] for i in mine) / sum(len(rows[i]) - 1 for i in mine))
+        assert math.isclose(value, expected, rel_tol=1e-5), source
+    record = [json.loads(line) for line in (runs / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"paloma_perplexity"' in line][-1]
+    assert record["paloma_perplexity/wiki"] == reported["paloma_by_source"]["wiki"]
