@@ -91,8 +91,8 @@ def read_footer(name: str, path, filesystem=None) -> pq.FileMetaData:
     return meta
 
 
-def read_column(name: str, read) -> pa.ChunkedArray:
-    """read(), the token column of a shard or row group; a damaged file is one line naming it."""
+def read_column(name: str, read):
+    """read(), columns of a shard or row group; a damaged file is one line naming it."""
     try:
         return read()
     except (OSError, pa.ArrowException) as e:
@@ -463,18 +463,15 @@ def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_ca
                          order_seed=order_seed)
 
 
-def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> tuple[list, list]:
+def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> tuple:
     """Every row of one shard whose rows may differ in length (an evaluation set), checked, and
-    each row's `source` where the shard has that column (Paloma's: the corpus a row comes from).
-    Errors name the file by `name` (a Hub address) or its path."""
+    each row's `source` where the shard has that column (Paloma's: the corpus a row comes from),
+    else None. Errors name the file by `name` (a Hub address) or its path."""
     name = name or str(path)
-    meta = read_footer(name, path)
-    column = read_column(name, lambda: pq.read_table(path, columns=[COLUMN])[COLUMN])
-    ids, bounds = read_tokens(name, column, vocab_size, 2, max_row_len)
-    sources = None
-    if SOURCE in meta.schema.names:
-        sources = read_column(name, lambda: pq.read_table(path, columns=[SOURCE])[SOURCE]).to_pylist()
-        sources = [str(source) for source in sources]
+    columns = [COLUMN] + ([SOURCE] if SOURCE in read_footer(name, path).schema.names else [])
+    table = read_column(name, lambda: pq.read_table(path, columns=columns))
+    ids, bounds = read_tokens(name, table[COLUMN], vocab_size, 2, max_row_len)
+    sources = [str(source) for source in table[SOURCE].to_pylist()] if SOURCE in columns else None
     return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])], sources
 
 
