@@ -389,19 +389,10 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
 
 # Training checkpoints ------------------------------------------------------------------------
 
-def write_text_atomically(path: Path, text: str):
+def write_atomically(path: Path, content: str | bytes):
     """A small file replaced whole or not at all: a crash leaves the old one or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def save_array(path: Path, array: np.ndarray):
-    """An .npy file replaced whole or not at all, as write_text_atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -470,7 +461,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             files = {p.relative_to(tmp).as_posix(): p for p in entries if p.is_file()}
             manifest = {"step": step, "files": {name: p.stat().st_size for name, p in files.items()},
                         "crc32": {name: _crc32(p) for name, p in files.items()}}
-            write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             _fsync(tmp)
             # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
             old = checkpoints_dir / f".step_{step}.old"
@@ -527,7 +518,7 @@ def drop_old_optimizer_states(checkpoints_dir: Path, keep: int):
         manifest = json.loads((directory / MANIFEST).read_text())
         kept = {name: size for name, size in manifest["files"].items() if not name.startswith("optimizer/")}
         if kept != manifest["files"]:
-            write_text_atomically(directory / MANIFEST,
+            write_atomically(directory / MANIFEST,
                                   json.dumps({**manifest, "files": kept}, indent=2) + "\n")
             shutil.rmtree(directory / "optimizer", ignore_errors=True)
 
@@ -636,7 +627,7 @@ class Records:
         (run_dir / "training_config.yaml").write_text(resolved)
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
             kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= start_step]
-            write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
+            write_atomically(self.metrics, "".join(line + "\n" for line in kept))
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         self.log = run_log(run_dir, config.monitoring.logging.log_level, stamp)
         root = Path(__file__).resolve().parent
@@ -811,7 +802,7 @@ class HubUploader:
 
     def _write(self):
         record = {"repo_id": self.repo_id, "branch": self.branch, **self.record}
-        write_text_atomically(self.run_dir / UPLOADS, json.dumps(record) + "\n")
+        write_atomically(self.run_dir / UPLOADS, json.dumps(record) + "\n")
 
     def _work(self):
         while (step := self.queue.get()) is not None:

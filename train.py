@@ -10,6 +10,7 @@ checkpoint at the current step and exits 0. The config is config.py's; README.md
 import contextlib
 import dataclasses
 import datetime
+import io
 import math
 import os
 import secrets
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
     progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
     if env.rank == 0:
-        log_plan(records.log, config, run, model, ld_rows, saver.tokenizer)
+        log_plan(records.log, config, run, model, progress.checkpoints, ld_rows, saver.tokenizer)
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     layer_stats = LayerStats(model) if config.monitoring.logging.layer_stats else None
     accum = config.training.optimization.gradient_accumulation_steps
@@ -419,7 +420,8 @@ class Progress:
         self.mfu_per_token = model.flops_per_token(config.model.max_seq_len) / peak if peak else None
         self.t_start = self.t_log = time.perf_counter()
         self.steps_at_log = run.start_step
-        self.checkpoints = checkpoint_steps(config, run.start_step + 1)  # those still to save
+        # those still to save (the one resumed from is saved)
+        self.checkpoints = checkpoint_steps(config, run.start_step + (run.resumed_from is not None))
         self.saving = [0.0, 0]  # seconds spent saving checkpoints, and how many
 
     def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, layers: dict):
@@ -568,9 +570,11 @@ class Checkpoints:
                          self.env.device, self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
             if self.env.rank == 0:
                 out.parent.mkdir(exist_ok=True)
-                checkpoint.save_array(out.with_name(f"step_{done}_rows.npy"), r.pop("rows"))  # before out
+                per_row = io.BytesIO()  # written before `out`, whose absence makes a resumed run evaluate
+                np.save(per_row, r.pop("rows"))
+                checkpoint.write_atomically(out.with_name(f"step_{done}_rows.npy"), per_row.getvalue())
                 by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
-                checkpoint.write_text_atomically(out, checkpoint.json_line(
+                checkpoint.write_atomically(out, checkpoint.json_line(
                     {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})}))
                 self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
                 bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
@@ -598,8 +602,8 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     n_tokens = n_bytes = 0
     sources = getattr(rows, "sources", None)  # data.EvalRows: each row's source (Paloma's corpora)
     world_size, rank = checkpoint.world()
-    counts = [len(range(len(rows))[data.rank_slice(len(rows), world_size, r)]) for r in range(world_size)]
-    rows = rows[data.rank_slice(len(rows), world_size, rank)]
+    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
+    rows = rows[blocks[rank]]
     row_nll = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -616,7 +620,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     model.train()
     lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
     mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
-    per_row = checkpoint.gather_rows(mine, counts).cpu().numpy()
+    per_row = checkpoint.gather_rows(mine, [b.stop - b.start for b in blocks]).cpu().numpy()
     totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -625,9 +629,10 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     results = {"perplexity": perplexity(mean_loss), "loss": mean_loss, "tokens": int(n_tokens),
                "rows": np.rec.fromarrays([per_row[:, 0] / per_row[:, 1], per_row[:, 1].astype(np.int64)],
                                          names="loss,tokens")}
-    for source in sorted(set(sources or [])):  # each over every token of its rows, as the whole
-        mine = np.array(sources) == source
-        results[f"perplexity/{source}"] = perplexity(per_row[mine, 0].sum() / per_row[mine, 1].sum())
+    sources = np.array(sources or [])
+    for source in sorted(set(sources)):  # each over every token of its rows, as the whole
+        ours = sources == source
+        results[f"perplexity/{source}"] = perplexity(per_row[ours, 0].sum() / per_row[ours, 1].sum())
     if byte_level:  # every token but the end-of-document id is one byte of text
         results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results
@@ -645,10 +650,10 @@ def hub_uploader(config: Config, run_dir: Path, log) -> checkpoint.HubUploader:
                                   hf.upload_attempts, hf.upload_retry_delay, hf.upload_optimizer)
 
 
-def log_plan(log, config: Config, run: Run, model: PicoDecoder, ld_rows, tokenizer: dict | None):
-    """Before the first step: the checkpoints still to write, their bytes and the room for them."""
+def log_plan(log, config: Config, run: Run, model: PicoDecoder, steps: list[int], ld_rows,
+             tokenizer: dict | None):
+    """Before the first step: the checkpoints still to write (steps), their bytes and the room for them."""
     ckpt = config.checkpointing
-    steps = checkpoint_steps(config, run.start_step + (run.resumed_from is not None))
     sizes = checkpoint.checkpoint_bytes(model, ckpt.learning_dynamics, config.data.dataloader.batch_size,
                                         len(ld_rows or []), tokenizer)
     with_optimizer = min(len(steps), ckpt.keep_last_n_optimizer_states or len(steps))
