@@ -31,6 +31,12 @@ The cost of monitoring.logging.layer_stats on a logging step: pico's training st
 without train.LayerStats around its optimizer step, interleaved, in the same run. Steps that do
 not log run no code of it at all.
 
+    python bench.py --probe [--model small] [--batch-size 4] [--seq-len 256]
+
+The training probe and memorization test at one checkpoint (evaluation.probe's defaults) as a
+share of the 1,000 steps between two checkpoints, and loss-spike detection's cost per step (the
+loop waiting for each step's loss), with and without it in interleaved blocks of steps.
+
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
 Memory per GPU for a suite size, under DDP and under FSDP over --gpus GPUs, with and without
@@ -268,6 +274,57 @@ def bench_layer_stats(args, device: torch.device):
           f"{logged * 1e3:.1f} ms with per-layer statistics: +{logged / plain - 1:.1%} on a logging step.")
 
 
+def bench_probe(args, device: torch.device):
+    """The training probe with memorization at one checkpoint (evaluation.probe's defaults), against
+    the 1,000 training steps between two checkpoints; and loss-spike detection, whose cost is the
+    wait for each step's loss: blocks of steps queued back to back, with and without it, interleaved."""
+    (model, optimizer), _ = build(args.model, args.seq_len, device)
+    probe = Config().evaluation.probe
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
+    rows = list(np.random.default_rng(0).integers(0, vocab, (probe.rows, args.seq_len + 1)))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def steps(n: int, spikes: train.LossSpikes | None) -> float:
+        sync()
+        start = time.perf_counter()
+        for i in range(n):
+            with autocast:
+                loss = pico_loss(model, tokens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if spikes:
+                spikes.is_spike(i, loss.item())
+        sync()
+        return (time.perf_counter() - start) / n
+
+    def probe_time() -> float:
+        sync()
+        start = time.perf_counter()
+        train.evaluate(model, rows, probe.batch_size, device, autocast, byte_level=False)
+        train.memorization(model, rows, probe.memorization_prefix, probe.memorization_tokens,
+                           probe.batch_size, device, autocast)
+        sync()
+        return time.perf_counter() - start
+    steps(args.warmup, None), probe_time()
+    times = {"plain": [], "spikes": [], "probe": []}
+    for r in range(args.rounds):
+        for name in (("plain", "spikes") if r % 2 == 0 else ("spikes", "plain")):
+            times[name].append(steps(5, train.LossSpikes(6.0, 128, []) if name == "spikes" else None))
+        if r < 3:
+            times["probe"].append(probe_time())
+    plain, spiky, probed = (statistics.median(times[k]) for k in ("plain", "spikes", "probe"))
+    print(f"\nMachine: {machine(device)}. pico-decoder-{args.model}, {args.batch_size} x {args.seq_len} "
+          f"tokens a step; probe of {probe.rows} rows, {probe.memorization_tokens} tokens decoded from "
+          f"{probe.memorization_prefix}.\n")
+    print("| step | step with spike detection | probe + memorization | probe / 1,000 steps |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {plain * 1e3:,.1f} ms | {spiky * 1e3:,.1f} ms ({spiky / plain - 1:+.1%}) | "
+          f"{probed * 1e3:,.0f} ms | {probed / (1000 * plain):.2%} |")
+
+
 def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:
     """Bytes of the tensors autograd keeps for the backward of one row of `tokens` tokens (bf16
     autocast, on the CPU), weights and their bf16 copies included."""
@@ -379,6 +436,8 @@ def main() -> None:
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
     parser.add_argument("--memory", action="store_true", help="memory per GPU under DDP and FSDP instead")
     parser.add_argument("--layer-stats", action="store_true", help="the cost of per-layer statistics instead")
+    parser.add_argument("--probe", action="store_true",
+                        help="the cost of the training probe, memorization and spike detection instead")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
     parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU, micro-step")
     args = parser.parse_args()
@@ -386,6 +445,8 @@ def main() -> None:
         return bench_memory(args)
     if args.layer_stats:
         return bench_layer_stats(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.probe:
+        return bench_probe(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.scaling:
         return bench_scaling(args)
     if args.data:

@@ -685,8 +685,10 @@ def json_line(record: dict) -> str:
     """A record as one line of strict JSON, where a value that is not finite (a diverged perplexity)
     is the string "Infinity", "NaN", ...: Python's float() and JavaScript's Number() read it."""
     def strict(value):
-        if isinstance(value, dict):  # eval_results' perplexity per source
+        if isinstance(value, dict):  # eval_results' perplexity per source, the probe's groups
             return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [strict(item) for item in value]
         if isinstance(value, float) and not math.isfinite(value):
             return str(value).replace("inf", "Infinity").replace("nan", "NaN")
         return value

@@ -136,9 +136,22 @@ class PalomaEvaluationConfig:
 
 
 @dataclass(slots=True)
+class ProbeEvaluationConfig:
+    # Training rows spread evenly over the run (data.probe_positions), each one's loss recorded at
+    # every checkpoint: before, at and after the step that trains on it. At most all the run's; 0: none
+    rows: NonNegative = 256
+    # Pythia's memorization test on them: greedy decoding of memorization_tokens tokens from each
+    # row's first memorization_prefix tokens, compared with the row's own. 0 tokens: no test
+    memorization_prefix: Positive = 32
+    memorization_tokens: NonNegative = 32
+    batch_size: Positive = 16
+
+
+@dataclass(slots=True)
 class EvaluationConfig:
     metrics: list[Literal["paloma"]] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+    probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
 
 
 @dataclass(slots=True)
@@ -146,6 +159,14 @@ class LoggingConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_every_n_steps: Positive = 100
     layer_stats: bool = True  # each log step: weight, gradient and update norms per layer
+
+
+@dataclass(slots=True)
+class LossSpikeConfig:
+    # A step whose loss exceeds the mean of the `window` losses before it by more than std_devs
+    # standard deviations (OLMo-core's rule: 6 over 128) is logged and captured in spikes/. None: off
+    std_devs: PositiveFloat | None = 6.0
+    window: Positive = 128
 
 
 @dataclass(slots=True)
@@ -157,6 +178,7 @@ class WandbConfig:
 @dataclass(slots=True)
 class MonitoringConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    loss_spikes: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     save_to_wandb: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -332,6 +354,7 @@ def validate(config: Config, world_size: int):
     opt, training, ld = config.training.optimization, config.training, config.checkpointing.learning_dynamics
     batch, per_step = config.data.dataloader.batch_size, world_size * opt.gradient_accumulation_steps
     hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
+    probe = config.evaluation.probe
     cuda = torch.cuda.is_available()
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
@@ -352,6 +375,10 @@ def validate(config: Config, world_size: int):
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
+        ("evaluation.probe.memorization_tokens", probe.memorization_tokens,
+         probe.memorization_prefix + probe.memorization_tokens <= config.model.max_seq_len,
+         f"with evaluation.probe.memorization_prefix={probe.memorization_prefix}, at most "
+         f"model.max_seq_len={config.model.max_seq_len} tokens"),
     ]
     problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
                                           for key, value, ok, expected in rules if not ok]

@@ -134,14 +134,14 @@ class ParquetShards:
     for all. Errors name each file by its path, or by `names` (HubShards: its Hub address)."""
 
     def __init__(self, files: list[Path], row_len: int | None, vocab_size: int,
-                 names: list[str] | None = None, order_seed: int = 0):
+                 names: list[str] | None = None, order_seed: int = 0, filesystem=None):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
         self.names = names or [str(path) for path in files]
-        self.order_seed = order_seed
+        self.order_seed, self.filesystem = order_seed, filesystem  # filesystem: the Hub's, for HubShards.read_at
         self.groups = []  # in data order: (global position of its first row, shard, row group, row in shard)
         self.num_rows = 0
         for f, (path, name) in enumerate(zip(files, self.names)):
-            meta = read_footer(name, path)
+            meta = read_footer(name, path, filesystem)
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             firsts = np.cumsum([0] + sizes[:-1]).tolist()  # each group's first row in the shard
             order = self._shuffle(path).permutation(len(sizes)) if order_seed else range(len(sizes))
@@ -158,8 +158,13 @@ class ParquetShards:
     def _rows(self, group: tuple[int, int, int, int]) -> np.ndarray:
         if self._cached[0] != group:
             _, f, g, row = group  # row: the group's first row's index in its shard, for errors
-            column = read_column(self.names[f], lambda: pq.ParquetFile(self.files[f]).read_row_group(
-                g, columns=[COLUMN]).column(0))
+
+            def read():
+                with contextlib.ExitStack() as files:
+                    source = self.files[f] if self.filesystem is None else files.enter_context(
+                        self.filesystem.open(self.files[f], "rb"))  # range requests for this group only
+                    return pq.ParquetFile(source).read_row_group(g, columns=[COLUMN]).column(0)
+            column = read_column(self.names[f], read)
             if self.row_len is None and len(column):
                 self.row_len = len(column[0])
             ids, _ = read_tokens(self.names[f], column, self.vocab_size, self.row_len, self.row_len, row)
@@ -179,6 +184,10 @@ class ParquetShards:
         last = max(bisect.bisect_left(self.groups, end, key=lambda group: group[0]), first + 1)
         return np.concatenate([self._rows(group)[max(start - group[0], 0):end - group[0]]
                                for group in self.groups[first:last]])
+
+    def read_at(self, positions) -> np.ndarray:
+        """The rows at scattered positions (the training probe's), as int64 [len(positions), row_len]."""
+        return np.stack([self.read(int(p), 1)[0] for p in positions])
 
 
 def hub_failure(e: Exception) -> str:
@@ -362,6 +371,32 @@ class HubShards:
                 pieces.append(shard.read(row, min(end - start, shard.num_rows - row)))
                 start += len(pieces[-1])
         return np.concatenate(pieces)
+
+
+    def read_at(self, positions) -> np.ndarray:
+        """The rows at scattered positions (the training probe's) without downloading their shards:
+        each row's row group alone, by HTTP range requests, so the cache of whole shards stays the
+        training stream's. Offline, from the cached shards."""
+        if constants.is_offline_mode():
+            return np.stack([self.read(int(p), 1)[0] for p in positions])
+        fs = HfFileSystem(skip_instance_cache=True, block_size=1 << 16)
+        root, shards, rows = f"datasets/{self.repo_id}@{self.sha}", {}, []
+        for p in map(int, positions):
+            k, row = divmod(p, self.rows_per_shard)
+            if k >= len(self.files):
+                raise DataError(f"row {p} requested, {self.name} has {self.num_rows}")
+            if k not in shards:
+                shards[k] = self._hub(f"read the footer of {self.files[k]}", lambda: ParquetShards(
+                    [f"{root}/{self.files[k]}"], self.row_len, self.vocab_size, names=[self.url(self.files[k])],
+                    order_seed=self.order_seed, filesystem=fs))
+            rows.append(shards[k].read(row, 1)[0])
+        return np.stack(rows)
+
+
+def probe_positions(n: int, run_rows: int) -> np.ndarray:
+    """The training probe: n positions spread evenly over the rows a run trains on (the middle row
+    of each of n equal parts), the same for every model size, world size and accumulation."""
+    return (2 * np.arange(n, dtype=np.int64) + 1) * run_rows // (2 * n)
 
 
 def rank_rows(step: int, global_batch: int, world_size: int, rank: int) -> tuple[int, int]:

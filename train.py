@@ -7,6 +7,7 @@ Re-running the same command resumes from runs/RUN/checkpoints/latest; SIGTERM or
 checkpoint at the current step and exits 0. The config is config.py's; README.md has its reference.
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -16,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
     max_steps, seq_len = config.training.max_steps, config.model.max_seq_len
     if run.start_step >= max_steps:
         return already_done(config, run, env)
-    shards, eval_rows, ld_rows = open_data(config, env)
+    shards, eval_rows, ld_rows, probe = open_data(config, env)
 
     # Several processes: join the others. Every rank has read and checked the same config, data
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
@@ -66,7 +68,10 @@ def main(argv: list[str]) -> int:
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
     records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
     progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
-    saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, records)
+    spikes = config.monitoring.loss_spikes
+    spikes = LossSpikes(spikes.std_devs, spikes.window, run.loss_window) if spikes.std_devs else None
+    saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, probe, spikes,
+                        records)
     if env.rank == 0:
         log_plan(records.log, config, run, model, progress.checkpoints, ld_rows, saver.tokenizer)
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
@@ -99,6 +104,12 @@ def main(argv: list[str]) -> int:
             done = step + 1  # optimizer steps completed: the model is now "at step `done`"
 
             finite.watch(done, loss, grad_norm)  # on the device: the loop does not wait for it
+            if dist.is_initialized() and (logging_step or spikes):  # the mean over the global batch
+                dist.all_reduce(loss)
+                loss /= env.world_size
+            if spikes and spikes.is_spike(done, loss.item()):  # the loop's one wait for each step
+                with progress.paused():
+                    saver.capture_spike(done, batch, spikes)
             if logging_step:
                 finite.check()
                 progress.log(done, loss, lr, grad_norm, layer_stats.after(before) if layer_stats else {})
@@ -227,6 +238,7 @@ class Run:
     weights: dict | None = None  # the checkpoint's, or checkpointing.training.init_from's
     start_over: bool = False  # move the directory's checkpoints and records aside first
     lock: object = None  # rank 0's hold on the directory (checkpoint.lock_run_directory)
+    loss_window: list = dataclasses.field(default_factory=list)  # LossSpikes' state at the checkpoint
 
 
 def open_run(config: Config, env: Env) -> Run:
@@ -251,6 +263,7 @@ def open_run(config: Config, env: Env) -> Run:
         check_resume_compatible(config, run.dir / "training_config.yaml")
         run.state = checkpoint.read_checkpoint(latest, config.model)
         run.resumed_from, run.start_step, run.weights = latest, run.state["step"], run.state.pop("model")
+        run.loss_window = run.state.get("loss_window", [])
     elif ckpt.training.init_from is not None:
         source = ckpt.training.init_from
         try:
@@ -306,7 +319,22 @@ def open_data(config: Config, env: Env) -> tuple:
                               f"{ld.eval_data} has rows of only {shortest} input tokens")
     with torch.device("meta"):  # module names only: a suffix that matches none stops here
         checkpoint.capture_modules(PicoDecoder(config.model), ld.layer_suffixes, ld.layers)
-    return shards, eval_rows, ld_rows
+    probe = None
+    if config.evaluation.probe.rows:
+        n = min(config.evaluation.probe.rows, max_steps * global_batch)
+        positions = data.probe_positions(n, max_steps * global_batch)
+        probe = Probe(positions, positions // global_batch + 1, list(shards.read_at(positions)))
+    return shards, eval_rows, ld_rows, probe
+
+
+@dataclasses.dataclass
+class Probe:
+    """The training probe (evaluation.probe): rows spread over the run, and the step that trains on
+    each, from the data order alone: checkpoint N has seen a row when N >= seen_at (the row is in
+    the batch of `data.py batch --step seen_at-1`)."""
+    positions: np.ndarray  # global row positions
+    seen_at: np.ndarray
+    rows: list
 
 
 def start_distributed(config: Config, env: Env):
@@ -425,10 +453,8 @@ class Progress:
         self.saving = [0.0, 0]  # seconds spent saving checkpoints, and how many
 
     def log(self, done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, layers: dict):
-        """The only place the loop waits for the device. layers: LayerStats.after's record."""
-        if dist.is_initialized():  # the mean over the global batch, not this rank's rows
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
+        """Where the loop waits for the device (and in LossSpikes). loss: the global batch's mean;
+        layers: LayerStats.after's record."""
         now = time.perf_counter()
         tokens_per_s = (done - self.steps_at_log) * self.tokens_per_step / (now - self.t_log)
         # The time to the end: the steps left at the pace so far, and the checkpoints left at theirs
@@ -516,10 +542,10 @@ class Checkpoints:
     rank takes part; rank 0 writes. Under FSDP the three share one gather of the whole model."""
 
     def __init__(self, config: Config, env: Env, run: Run, model, optimizer, scheduler, eval_rows,
-                 ld_rows, records: checkpoint.Records):
+                 ld_rows, probe: Probe | None, spikes, records: checkpoint.Records):
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.eval_rows, self.ld_rows = eval_rows, ld_rows
+        self.eval_rows, self.ld_rows, self.probe, self.spikes = eval_rows, ld_rows, probe, spikes
         self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
@@ -562,26 +588,85 @@ class Checkpoints:
         if evaluate:
             self.evaluate_and_upload(done, whole)
 
+    def capture_spike(self, done: int, batch: torch.Tensor, spikes: "LossSpikes"):
+        """spikes/step_N/: the spike (its loss, the window's mean and deviation, the global rows of
+        its batch) and the learning-dynamics captures of its batch, as in a checkpoint: with the
+        weights after step N, on the batch step N trained on."""
+        spike, global_batch = spikes.last, self.config.data.dataloader.batch_size
+        spike["positions"] = [(done - 1) * global_batch, done * global_batch]  # [first, end) of its batch
+        directory = self.dir / "spikes" / f"step_{done}"
+        self.records.log.warning(f"loss spike at step {done}: {spike['loss']:.4f}, over the mean "
+                                 f"{spike['mean']:.4f} of the last {spikes.losses.maxlen} steps by "
+                                 f"{spike['deviations']:.1f} standard deviations; "
+                                 f"its rows and captures in {directory}")
+        self.records.write({"step": done, "loss_spike": spike["loss"]})
+        ld = dataclasses.replace(self.config.checkpointing.learning_dynamics, capture_train=True)
+        captures = checkpoint.learning_dynamics(self.whole_model(), batch, None, ld, self.env.device,
+                                                self.env.autocast)
+        if self.env.rank == 0:
+            checkpoint.save_spike(directory, spike, captures)
+
     def evaluate_and_upload(self, done: int, whole: PicoDecoder | None = None):
-        """What follows a saved checkpoint; each skips what an earlier start already did."""
-        out, config = self.dir / "eval_results" / f"step_{done}.json", self.config
-        if self.eval_rows is not None and not out.exists():
-            r = evaluate(whole or self.whole_model(), self.eval_rows, config.evaluation.paloma.batch_size,
-                         self.env.device, self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
+        """What follows a saved checkpoint; each skips what an earlier start already did. Files of
+        step N are written before eval_results/step_N.json, whose absence makes a resumed run evaluate."""
+        out = self.dir / "eval_results" / f"step_{done}.json"
+        if (self.eval_rows is not None or self.probe is not None) and not out.exists():
+            whole = whole or self.whole_model()
+            out.parent.mkdir(exist_ok=True)
+            results = self.evaluate_paloma(done, whole, out) if self.eval_rows is not None else {}
+            if self.probe is not None:
+                results["probe"] = self.evaluate_probe(done, whole, out)
             if self.env.rank == 0:
-                out.parent.mkdir(exist_ok=True)
-                per_row = io.BytesIO()  # written before `out`, whose absence makes a resumed run evaluate
-                np.save(per_row, r.pop("rows"))
-                checkpoint.write_atomically(out.with_name(f"step_{done}_rows.npy"), per_row.getvalue())
-                by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
-                checkpoint.write_atomically(out, checkpoint.json_line(
-                    {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})}))
-                self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
-                bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
-                self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
-                                      f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}")
+                checkpoint.write_atomically(out, checkpoint.json_line(results))
         if self.uploader:  # in the background: the next step starts now
             self.uploader.submit(done)
+
+    def evaluate_paloma(self, done: int, whole: PicoDecoder, out: Path) -> dict:
+        """Perplexity on the evaluation set; each row's loss in step_N_rows.npy."""
+        config = self.config
+        r = evaluate(whole, self.eval_rows, config.evaluation.paloma.batch_size, self.env.device,
+                     self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
+        per_row = r.pop("rows")
+        if self.env.rank == 0:
+            save_array(out.with_name(f"step_{done}_rows.npy"), per_row)
+            self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
+            bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
+            self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
+                                  f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}")
+        by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
+        return {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})}
+
+    def evaluate_probe(self, done: int, whole: PicoDecoder, out: Path) -> dict:
+        """The training probe at checkpoint `done`: each row's loss and memorization in
+        step_N_probe.npy; their means over the rows seen and those not yet seen (the control), and
+        over the seen ones by steps since seen, in bins [0, 1), [1, 2), [2, 4), [4, 8) ..."""
+        probe, cfg, env = self.probe, self.config.evaluation.probe, self.env
+        losses = evaluate(whole, probe.rows, cfg.batch_size, env.device, env.autocast, byte_level=False)["rows"]
+        fields = {"position": probe.positions, "seen_at": probe.seen_at, "loss": losses.loss,
+                  "tokens": losses.tokens}
+        if cfg.memorization_tokens:
+            fields["token_match"] = memorization(whole, probe.rows, cfg.memorization_prefix,
+                                                 cfg.memorization_tokens, cfg.batch_size, env.device, env.autocast)
+            fields["exact_match"] = fields["token_match"] == 1
+        per_row = np.rec.fromarrays(list(fields.values()), names=list(fields))
+        seen, since = probe.seen_at <= done, done - probe.seen_at
+
+        def means(rows: np.ndarray) -> dict:
+            return {"rows": int(rows.sum()), **{name: float(per_row[name][rows].mean()) for name in (
+                "loss", "token_match", "exact_match") if name in fields and rows.any()}}
+        edges = [0] + [2 ** i for i in range(int(since[seen].max(initial=0)).bit_length() + 1)]
+        summary = {"seen": means(seen), "unseen": means(~seen), "by_steps_since_seen": [
+            {"steps_since_seen": [low, high], **means(seen & (since >= low) & (since < high))}
+            for low, high in zip(edges, edges[1:]) if (seen & (since >= low) & (since < high)).any()]}
+        if env.rank == 0:
+            save_array(out.with_name(f"step_{done}_probe.npy"), per_row)
+            self.records.write({"step": done, **{f"probe/{name}_{group}": value for group in ("seen", "unseen")
+                                                 for name, value in summary[group].items() if name != "rows"}})
+            self.records.log.info(f"probe step {done} | " + " | ".join(
+                f"{group} {summary[group]['rows']} rows: loss {summary[group]['loss']:.4f}" + (
+                    f", memorized {summary[group]['exact_match']:.1%}" if cfg.memorization_tokens else "")
+                for group in ("seen", "unseen") if summary[group]["rows"]))
+        return summary
 
     def close(self):
         if self.uploader:  # waits for the last checkpoints' uploads (bounded; the rest stay pending)
@@ -638,6 +723,31 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     return results
 
 
+@torch.no_grad()
+def memorization(model: PicoDecoder, rows: list, prefix: int, n_new: int, batch_size: int,
+                 device: torch.device, autocast) -> np.ndarray:
+    """Pythia's memorization test: each row's greedy continuation (the KV-cache `generate`) of its
+    first `prefix` tokens, n_new tokens long, against the row's own next n_new tokens. Returns each
+    row's share of matching tokens, in order; the ranks split the rows as in evaluate."""
+    world_size, rank = checkpoint.world()
+    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
+    rows = rows[blocks[rank]]
+    matches = [torch.zeros(0, device=device)]
+    for start in range(0, len(rows), batch_size):
+        chunk = torch.as_tensor(np.stack(rows[start:start + batch_size]), device=device)
+        with autocast:
+            generated = model.generate(chunk[:, :prefix], n_new, temperature=0)[:, prefix:]
+        matches.append((generated == chunk[:, prefix:prefix + n_new]).float().mean(dim=1))
+    mine = torch.cat(matches)[:, None]
+    return checkpoint.gather_rows(mine, [b.stop - b.start for b in blocks])[:, 0].cpu().numpy()
+
+
+def save_array(path: Path, array: np.ndarray):
+    content = io.BytesIO()
+    np.save(content, array)
+    checkpoint.write_atomically(path, content.getvalue())
+
+
 def perplexity(mean_loss: float) -> float:
     # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
     return math.exp(mean_loss) if mean_loss < 709 else math.inf
@@ -677,6 +787,30 @@ def in_bytes(n: float) -> str:
             return f"{n:.3g} {unit}"
         n /= 1000
     return f"{n:.3g} TB"
+
+
+class LossSpikes:
+    """A step whose loss exceeds the mean of the `window` losses before it by more than std_devs
+    standard deviations (OLMo-core's rule) is a spike, for Checkpoints.capture_spike. A spike stays
+    out of the window, so that it does not hide the next; the window is saved with each checkpoint,
+    so a resumed run finds the same spikes. Reading each step's loss is the loop's one wait for
+    the device on steps that do not log."""
+
+    def __init__(self, std_devs: float, window: int, losses: list[float]):
+        self.std_devs, self.losses = std_devs, collections.deque(losses, maxlen=window)
+        self.last = None  # the latest spike
+
+    def is_spike(self, step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False  # FiniteCheck's to report
+        if len(self.losses) == self.losses.maxlen:
+            mean, std = statistics.fmean(self.losses), statistics.pstdev(self.losses)
+            if loss > mean + self.std_devs * std:
+                self.last = {"step": step, "loss": loss, "mean": mean, "std": std,
+                             "deviations": (loss - mean) / std if std else math.inf}
+                return True
+        self.losses.append(loss)
+        return False
 
 
 class StopSignals:

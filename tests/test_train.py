@@ -39,6 +39,7 @@ checkpointing.run_name = "run"
 checkpointing.runs_dir = {runs!r}
 checkpointing.save_every_n_steps = 4
 evaluation.metrics = []
+evaluation.probe.rows = 0
 checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
 data.tokenizer.name = None

@@ -1,0 +1,121 @@
+"""The training probe, memorization by step seen, and loss spikes: what a run records of how it
+learns its own training rows."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import PicoDecoder
+from test_train import ROOT, final_weights, losses, run
+
+PROBE = ["--evaluation.probe.rows=20", "--evaluation.probe.memorization_prefix=8",
+         "--evaluation.probe.memorization_tokens=6", "--evaluation.probe.batch_size=7"]
+
+
+def records(run_dir, key: str) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if key in r}
+
+
+def batch_rows(config, step: int, tmp_path) -> np.ndarray:
+    """`data.py batch --step N`: the global batch that optimizer step N + 1 trained on."""
+    out = tmp_path / f"batch-{step}.npy"
+    subprocess.run([sys.executable, str(ROOT / "data.py"), "batch", str(config), "--step", str(step),
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    return np.load(out)
+
+
+@pytest.fixture
+def probed(tiny):
+    config, runs = tiny
+    run(config, "--training.max_steps=8", *PROBE)
+    return config, runs / "run"
+
+
+def test_probe_rows_are_spread_over_the_run_and_seen_at_the_step_data_py_shows(probed, tmp_path):
+    config, run_dir = probed
+    probe = np.load(run_dir / "eval_results" / "step_8_probe.npy")
+    assert probe.dtype.names == ("position", "seen_at", "loss", "tokens", "token_match", "exact_match")
+    # 20 rows over the 8 x 8 rows the run trains on: the middle of each of 20 equal parts
+    assert probe["position"].tolist() == [(2 * i + 1) * 64 // 40 for i in range(20)]
+    assert probe["seen_at"].tolist() == [p // 8 + 1 for p in probe["position"]]
+    for position, seen_at in zip(probe["position"], probe["seen_at"]):
+        assert 0 <= position - (seen_at - 1) * 8 < 8  # in the batch of `data.py batch --step seen_at-1`
+    assert probe["position"][probe["seen_at"] == 3].tolist() == [17, 20]
+    rows = batch_rows(config, 2, tmp_path)
+    for step in (0, 2, 8):  # every checkpoint: the same rows, their losses as a separate forward gives
+        recorded = np.load(run_dir / "eval_results" / f"step_{step}_probe.npy")
+        model = PicoDecoder.from_pretrained(str(run_dir / "checkpoints" / f"step_{step}")).eval()
+        for row in recorded[recorded["seen_at"] == 3]:
+            tokens = torch.from_numpy(rows[row["position"] - 16][None])
+            with torch.no_grad():
+                loss = model(tokens[:, :-1], tokens[:, 1:])[1].item()
+            assert row["tokens"] == 32 and np.isclose(row["loss"], loss, rtol=1e-5)
+
+
+def test_memorization_is_the_greedy_continuation_of_each_rows_prefix(probed, tmp_path):
+    config, run_dir = probed
+    recorded = np.load(run_dir / "eval_results" / "step_8_probe.npy")
+    model = PicoDecoder.from_pretrained(str(run_dir / "checkpoints" / "step_8")).eval()
+    for row in recorded[::5]:
+        seen_in = batch_rows(config, int(row["seen_at"]) - 1, tmp_path)
+        tokens = torch.from_numpy(seen_in[row["position"] % 8][None])
+        out = model.generate(tokens[:, :8], 6, temperature=0)[0, 8:]
+        match = (out == tokens[0, 8:14]).float().mean().item()
+        assert row["token_match"] == pytest.approx(match) and row["exact_match"] == (match == 1)
+
+
+def test_each_checkpoint_summarises_the_probe_seen_unseen_and_by_steps_since_seen(probed):
+    _, run_dir = probed
+    for step in (0, 1, 2, 4, 8):
+        per_row = np.load(run_dir / "eval_results" / f"step_{step}_probe.npy")
+        summary = json.loads((run_dir / "eval_results" / f"step_{step}.json").read_text())["probe"]
+        seen = per_row["seen_at"] <= step
+        assert summary["seen"]["rows"] == seen.sum() and summary["unseen"]["rows"] == (~seen).sum()
+        if seen.any():
+            assert summary["seen"]["loss"] == pytest.approx(per_row["loss"][seen].mean())
+            assert summary["seen"]["exact_match"] == pytest.approx(per_row["exact_match"][seen].mean())
+            bins = summary["by_steps_since_seen"]
+            assert sum(b["rows"] for b in bins) == seen.sum()
+            for b in bins:
+                low, high = b["steps_since_seen"]
+                assert high == max(1, 2 * low)  # [0, 1), [1, 2), [2, 4), ...
+                since = step - per_row["seen_at"]
+                assert b["rows"] == (seen & (since >= low) & (since < high)).sum()
+        metrics = records(run_dir, "probe/loss_unseen" if (~seen).any() else "probe/loss_seen")[step]
+        for group in ("seen", "unseen"):
+            assert metrics.get(f"probe/loss_{group}") == summary[group].get("loss")
+    assert summary["unseen"] == {"rows": 0}  # at the end every probe row has been trained on
+
+
+def test_the_probe_is_capped_at_the_rows_the_run_trains_on(tiny):
+    config, runs = tiny
+    run(config, "--training.max_steps=2", "--evaluation.probe.rows=1000",
+        "--evaluation.probe.memorization_tokens=0", "--evaluation.probe.memorization_prefix=4")
+    probe = np.load(runs / "run" / "eval_results" / "step_2_probe.npy")
+    assert probe["position"].tolist() == list(range(16))  # all 2 x 8 of them
+    assert "token_match" not in probe.dtype.names  # memorization off
+
+
+def test_memorization_longer_than_the_context_is_refused_in_one_line(tiny):
+    config, runs = tiny
+    result = run(config, "--evaluation.probe.rows=4", "--evaluation.probe.memorization_tokens=30",
+                 check=False)
+    assert result.returncode != 0 and not (runs / "run").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: evaluation.probe.memorization_tokens=30: expected with evaluation.probe."
+        "memorization_prefix=32, at most model.max_seq_len=32 tokens")
+
+
+def test_loss_spikes_window_leaves_spikes_and_non_finite_losses_out():
+    spikes = train.LossSpikes(std_devs=3.0, window=4, losses=[])
+    assert not any(spikes.is_spike(step, loss) for step, loss in enumerate([2.0, 2.1, 1.9, 2.0], 1))
+    assert spikes.is_spike(5, 9.0) and spikes.last["step"] == 5 and spikes.last["loss"] == 9.0
+    assert spikes.is_spike(6, 9.0)  # the first spike did not enter the window
+    assert not spikes.is_spike(7, float("nan")) and not spikes.is_spike(8, 2.05)
+    assert list(spikes.losses) == [2.1, 1.9, 2.0, 2.05]
