@@ -9,7 +9,8 @@ A checkpoint is a directory, checkpoints/step_N/, holding:
                                    format: one file per rank that saved it, readable at any
                                    world size, by one process, DDP or FSDP; resume needs it
   training_state.pt                step, data position, scheduler and every RNG state
-  learning_dynamics/               {train,val}_{activations,weights,gradients}.pt for pico-analyze
+  learning_dynamics/               {train,val}_{activations,weights,gradients}.pt for pico-analyze,
+                                   and train_data/: the train rows, as datasets' save_to_disk writes
   checkpoint.json                  the manifest, written last: each file's size and crc32
 
 It is written to a hidden temporary directory and renamed into place, and only then does the
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +40,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -329,8 +332,9 @@ def capture_modules(model: PicoDecoder, suffixes: list[str], layers: list[int] |
 
 def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, autocast) -> dict:
     """A checkpoint's captures, {split: {kind: {module name: float32 CPU tensor}}}. train: on the
-    global batch its last step trained on (this rank's part of it); val: on the fixed evaluation
-    rows (all of them). ld: the checkpointing.learning_dynamics section."""
+    global batch its last step trained on (this rank's part of it), and that batch's rows under
+    kind "data" (int64 CPU [rows, max_seq_len + 1], every rank's, in data order); val: on the
+    fixed evaluation rows (all of them). ld: the checkpointing.learning_dynamics section."""
     modules = capture_modules(model, ld.layer_suffixes, ld.layers)
     world_size, rank = world()
     splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
@@ -341,8 +345,12 @@ def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, aut
         blocks = [data.rank_slice(len(val_rows), world_size, r) for r in range(world_size)]
         splits["val"] = (val_rows[blocks[rank]], [b.stop - b.start for b in blocks],
                          sum(len(row) - 1 for row in val_rows))
-    return {split: _capture(model, rows, counts, total_tokens, modules, ld, device, autocast)
-            for split, (rows, counts, total_tokens) in splits.items()}
+    captures = {split: _capture(model, rows, counts, total_tokens, modules, ld, device, autocast)
+                for split, (rows, counts, total_tokens) in splits.items()}
+    if ld.capture_train:  # written as train_data/, as pico-train saves the batch it captured on
+        batch_rows = train_batch.reshape(-1, train_batch.shape[-1])
+        captures["train"]["data"] = gather_rows(batch_rows, [len(batch_rows)] * world_size).cpu()
+    return captures
 
 
 def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: int, modules: dict, ld,
@@ -385,6 +393,38 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
     return {"activations": {name: out.cpu() for name, out in zip(modules, outputs)},
             "weights": {name: w.detach().float().cpu().clone() for name, w in zip(modules, weights)},
             "gradients": {name: g.cpu() for name, g in zip(modules, gradients)}}
+
+
+# The features as datasets 2.x and 3.x (pico-train pins 3.0 to 3.1) write them: 4.0 and later write
+# List, which 3.x cannot read, and still read Sequence (checked with 2.21, 3.1 and 5.2).
+ROWS_FEATURES = {"input_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "Sequence"}}
+ROWS_ARROW = "data-00000-of-00001.arrow"
+
+
+def write_rows_dataset(rows: np.ndarray, directory: Path):
+    """Token-id rows [n, length] as the directory datasets.Dataset.from_dict({"input_ids": rows})
+    .save_to_disk(directory) makes, which datasets.load_from_disk reads, written with pyarrow alone
+    (datasets is no dependency of the trainer): one Arrow IPC stream whose schema carries the
+    features as datasets' "huggingface" metadata, dataset_info.json and state.json. Only the
+    input_ids: pico-train adds a "text" column when it has a tokenizer, and we run none."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # datasets stores a column named input_ids as int32 when every id fits, as any vocabulary's do
+    ids = np.ascontiguousarray(rows, dtype=np.int32)
+    offsets = np.arange(len(ids) + 1, dtype=np.int32) * ids.shape[1]
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.reshape(-1)))
+    metadata = {"huggingface": json.dumps({"info": {"features": ROWS_FEATURES}})}
+    schema = pa.schema([pa.field("input_ids", column.type)], metadata=metadata)
+    table = pa.Table.from_arrays([column], schema=schema)
+    with pa.OSFile(str(directory / ROWS_ARROW), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table, max_chunksize=1000)  # datasets' batches of 1,000 rows: its very bytes
+    info = {"citation": "", "description": "", "features": ROWS_FEATURES, "homepage": "", "license": ""}
+    (directory / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    state = {"_data_files": [{"filename": ROWS_ARROW}],
+             # any hex string: this one, of the ids, makes the same rows the same bytes
+             "_fingerprint": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+             "_output_all_columns": False, "_split": None}
+    (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 # Training checkpoints ------------------------------------------------------------------------
@@ -453,7 +493,10 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             for split, states in (learning_dynamics or {}).items():
                 (tmp / "learning_dynamics").mkdir(exist_ok=True)
                 for kind, tensors in states.items():
-                    torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
+                    if kind == "data":  # the rows themselves, as pico-train's datasets directory
+                        write_rows_dataset(tensors.numpy(), tmp / "learning_dynamics" / f"{split}_data")
+                    else:
+                        torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
             # fsync every file and directory, then write the manifest that makes the checkpoint complete
             entries = sorted(tmp.rglob("*"))
             for path in entries:
@@ -486,12 +529,13 @@ def checkpoint_bytes(model: PicoDecoder, ld, train_rows: int, val_rows: int,
                      tokenizer: dict[str, bytes] | None) -> dict[str, int]:
     """The bytes save_checkpoint will write, by part, from the shapes alone (for the run's plan):
     float32 weights, AdamW's two float32 moments, the captures (activations of each row, weights,
-    gradients) and the tokenizer; headers and the small files are left out."""
+    gradients; the train rows' int32 ids) and the tokenizer; headers and the small files are left out."""
     modules = capture_modules(model, ld.layer_suffixes, ld.layers).values()
     rows = (train_rows if ld.capture_train else 0) + val_rows
     captured = {"activations": rows * sum(m.weight.shape[0] for m in modules),
                 "weights and gradients": 2 * (bool(train_rows and ld.capture_train) + bool(val_rows))
-                * sum(m.weight.numel() for m in modules)}
+                * sum(m.weight.numel() for m in modules),
+                "train_data": (train_rows if ld.capture_train else 0) * (model.config.max_seq_len + 1)}
     return {"weights": 4 * model.num_params(), "optimizer": 8 * model.num_params(),
             "captures": 4 * sum(captured.values()), "tokenizer": sum(map(len, (tokenizer or {}).values()))}
 
@@ -780,6 +824,8 @@ class HubUploader:
             log.info(f"upload: steps {left}, left pending by an earlier run, are queued first")
         for step in left:
             self.queue.put(step)
+        # train_data/'s .arrow file belongs in the model repo, where pico-train puts it too
+        warnings.filterwarnings("ignore", message="It seems that you are about to commit a data file")
         self.thread = threading.Thread(target=self._work, name="hub upload", daemon=True)
         self.thread.start()
 
@@ -833,10 +879,11 @@ class HubUploader:
             "model.safetensors": directory / "model.safetensors",
             "training_config.yaml": self.run_dir / "training_config.yaml",
             **{name: directory / name for name in data.TOKENIZER_FILES if (directory / name).exists()}}}
-        for split in ("train", "val"):
+        dynamics = directory / "learning_dynamics"
+        for split in ("train", "val"):  # each with its rows' directory where there is one (train_data/)
+            files = sorted([*dynamics.glob(f"{split}_*.pt"), *dynamics.glob(f"{split}_data/*")])
             commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
-                f"learning_dynamics/{p.name}": p
-                for p in sorted((directory / "learning_dynamics").glob(f"{split}_*.pt"))}
+                p.relative_to(directory).as_posix(): p for p in files}
         results = [self.run_dir / "eval_results" / f"step_{step}{end}" for end in (".json", "_rows.npy")]
         commits[f"Saving Evaluation Results -- Step {step}"] = {
             f"eval_results/{p.name}": p for p in results if p.exists()}

@@ -161,7 +161,8 @@ def test_auto_resume_false_on_a_run_with_checkpoints_is_refused_and_start_over_m
     assert sorted(losses(previous)) == [1, 2, 3, 4] and (previous / "checkpoints" / "step_4").is_dir()
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", SHARD, "learning_dynamics/train_gradients.pt"])
+@pytest.mark.parametrize("file", ["model.safetensors", SHARD, "learning_dynamics/train_gradients.pt",
+                                  "learning_dynamics/train_data/data-00000-of-00001.arrow"])
 def test_bytes_flipped_in_a_checkpoint_are_named_by_the_resume_and_by_verify(tiny, file):
     config, runs = tiny
     run(config, "--training.max_steps=8")

@@ -124,7 +124,11 @@ def test_two_processes_write_the_learning_dynamics_of_one(runs, strategy):
         ld_one, ld_two = (dirs[name] / "checkpoints" / f"step_{step}" / "learning_dynamics"
                           for name in ("one", strategy))
         assert sorted(p.name for p in ld_two.iterdir()) == sorted(p.name for p in ld_one.iterdir())
-        for path in ld_one.iterdir():
+        # The global batch's rows, each rank's gathered in rank order: data order, the same bytes.
+        rows_one, rows_two = ({p.name: p.read_bytes() for p in (d / "train_data").iterdir()}
+                              for d in (ld_one, ld_two))
+        assert len(rows_one) == 3 and rows_one == rows_two
+        for path in ld_one.glob("*.pt"):
             one, two = (torch.load(d / path.name, weights_only=True) for d in (ld_one, ld_two))
             assert one.keys() == two.keys()
             for key in one:  # activations in data order: the ranks' rows gathered in rank order

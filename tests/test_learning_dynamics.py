@@ -1,7 +1,10 @@
 """Learning-dynamics captures in every checkpoint, read the way pico-analyze reads them."""
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -13,7 +16,7 @@ import checkpoint
 import data
 from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
-from test_train import TINY, losses, optimizer_state, run
+from test_train import ROOT, TINY, losses, optimizer_state, run
 
 SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 
@@ -53,6 +56,35 @@ def test_every_checkpoint_holds_the_contracted_files_keys_and_shapes(captured_ru
                 assert grads[key].shape == (out_features, in_features)
                 assert all(t.dtype == torch.float32 and t.device.type == "cpu"
                            for t in (acts[key], weights[key], grads[key]))
+
+
+def test_train_data_holds_the_rows_of_the_batch_each_checkpoint_captured_on(captured_run):
+    datasets = pytest.importorskip("datasets")
+    config, run_dir, none_dir, _ = captured_run
+    for step in (0, 1, 2, 4):  # step_N: the batch of step N - 1, the last it trained on; step_0: the first
+        out = config.parent / f"batch_{step}.npy"
+        subprocess.run([sys.executable, "data.py", "batch", str(config), "--step", str(max(step - 1, 0)),
+                        "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+        saved = datasets.load_from_disk(run_dir / "checkpoints" / f"step_{step}" / "learning_dynamics"
+                                        / "train_data")
+        assert saved.column_names == ["input_ids"]
+        np.testing.assert_array_equal(np.array(saved["input_ids"]), np.load(out))
+    assert not list(none_dir.glob("checkpoints/step_*/learning_dynamics/train_data"))
+
+
+def test_the_rows_directory_is_the_one_datasets_save_to_disk_writes(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = np.random.default_rng(0).integers(0, 50304, size=(1003, 9))  # two of datasets' batches
+    checkpoint.write_rows_dataset(rows, tmp_path / "ours")
+    datasets.Dataset.from_dict({"input_ids": rows.tolist()}).save_to_disk(tmp_path / "theirs")
+    names = {p.name for p in (tmp_path / "theirs").iterdir()}
+    assert {p.name for p in (tmp_path / "ours").iterdir()} == names
+    for name in ("state.json", "dataset_info.json"):  # the same fields; datasets 4+ writes List
+        ours, theirs = (json.loads((tmp_path / d / name).read_text()) for d in ("ours", "theirs"))
+        assert ours.keys() == theirs.keys()
+    ours, theirs = (datasets.load_from_disk(tmp_path / d) for d in ("ours", "theirs"))
+    assert ours.features == theirs.features  # int32 ids, as datasets stores a column named input_ids
+    assert ours["input_ids"][:] == theirs["input_ids"][:] == rows.tolist()
 
 
 def direct(model, rows, key, sequence_idx=-1):

@@ -29,8 +29,10 @@ TOKEN = "hf_pico_test_secret_token"
 # pico-analyze's (src/utils/data.py, _get_learning_dynamics_commits): it matches this against the
 # titles of list_repo_commits(repo_id, revision=branch), then snapshot_downloads that commit.
 PICO_ANALYZE = r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)"
-LEARNING_DYNAMICS = [f"learning_dynamics/{split}_{kind}.pt" for split in ("train", "val")
-                     for kind in ("activations", "weights", "gradients")]
+LEARNING_DYNAMICS = [*(f"learning_dynamics/{split}_{kind}.pt" for split in ("train", "val")
+                       for kind in ("activations", "weights", "gradients")),
+                     *(f"learning_dynamics/train_data/{name}"
+                       for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"))]
 
 # Checkpoints 0, 1 (log-spaced) and 2. The learning rate of the first step is 0 (warm-up from 0),
 # so checkpoint 1 holds checkpoint 0's bytes: its commits must be made all the same.
@@ -232,6 +234,7 @@ def fake_run(run: Path, steps: list[int], learning_dynamics: bool = False, eval_
             (directory / name).write_bytes(b"local only")
         if learning_dynamics:
             for name in LEARNING_DYNAMICS:
+                (directory / name).parent.mkdir(exist_ok=True)  # train_data/
                 (directory / name).write_bytes(b"%s of step %d" % (name.encode(), step))
         if eval_results:
             (run / "eval_results" / f"step_{step}.json").write_text('{"paloma": 42.0}\n')
