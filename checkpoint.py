@@ -427,6 +427,30 @@ def write_rows_dataset(rows: np.ndarray, directory: Path):
     (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
+def write_learning_dynamics(directory: Path, captures: dict):
+    """learning_dynamics()'s captures as {split}_{kind}.pt files, and the train rows as train_data/."""
+    for split, states in captures.items():
+        directory.mkdir(exist_ok=True)
+        for kind, tensors in states.items():
+            if kind == "data":  # the rows themselves, as pico-train's datasets directory
+                write_rows_dataset(tensors.numpy(), directory / f"{split}_data")
+            else:
+                torch.save(tensors, directory / f"{split}_{kind}.pt")
+
+
+def save_spike(directory: Path, spike: dict, captures: dict):
+    """spikes/step_N/: spike.json (the step, its loss, the window's mean and standard deviation,
+    the global row positions of its batch) and the captures of its batch in learning_dynamics/,
+    in the layout of a checkpoint's. Written aside and renamed: there whole, or not at all."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_learning_dynamics(tmp / "learning_dynamics", captures)
+    (tmp / "spike.json").write_text(json_line(spike))
+    shutil.rmtree(directory, ignore_errors=True)  # the same step again, after a resume
+    os.replace(tmp, directory)
+
+
 # Training checkpoints ------------------------------------------------------------------------
 
 def write_atomically(path: Path, content: str | bytes):
@@ -465,11 +489,13 @@ def _dcp(call, optimizer_state: dict, path: Path):
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
                     data_position: int, model_state: dict | None = None,
-                    learning_dynamics: dict | None = None, tokenizer: dict[str, bytes] | None = None) -> Path:
+                    learning_dynamics: dict | None = None, tokenizer: dict[str, bytes] | None = None,
+                    loss_window: list[float] | None = None) -> Path:
     """Write checkpoints/step_{step} completely, then point `latest` at it. Every rank calls it and
     writes its part of optimizer/ (DDP's replicated tensors once), keyed by parameter name so that
     it loads at another world size or strategy; rank 0 writes the rest. model_state: the whole
-    weights (the FSDP gather) if not model.state_dict(); tokenizer: files beside config.json."""
+    weights (the FSDP gather) if not model.state_dict(); tokenizer: files beside config.json;
+    loss_window: the losses train.LossSpikes compares the next step's with."""
     final, tmp = checkpoints_dir / f"step_{step}", checkpoints_dir / f".step_{step}.tmp"
     writer = world()[1] == 0
     try:
@@ -489,14 +515,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                    "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
-                        "rng": rng}, tmp / "training_state.pt")
-            for split, states in (learning_dynamics or {}).items():
-                (tmp / "learning_dynamics").mkdir(exist_ok=True)
-                for kind, tensors in states.items():
-                    if kind == "data":  # the rows themselves, as pico-train's datasets directory
-                        write_rows_dataset(tensors.numpy(), tmp / "learning_dynamics" / f"{split}_data")
-                    else:
-                        torch.save(tensors, tmp / "learning_dynamics" / f"{split}_{kind}.pt")
+                        "rng": rng, "loss_window": loss_window or []}, tmp / "training_state.pt")
+            write_learning_dynamics(tmp / "learning_dynamics", learning_dynamics or {})
             # fsync every file and directory, then write the manifest that makes the checkpoint complete
             entries = sorted(tmp.rglob("*"))
             for path in entries:
@@ -884,7 +904,8 @@ class HubUploader:
             files = sorted([*dynamics.glob(f"{split}_*.pt"), *dynamics.glob(f"{split}_data/*")])
             commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
                 p.relative_to(directory).as_posix(): p for p in files}
-        results = [self.run_dir / "eval_results" / f"step_{step}{end}" for end in (".json", "_rows.npy")]
+        results = [self.run_dir / "eval_results" / f"step_{step}{end}"
+                   for end in (".json", "_rows.npy", "_probe.npy")]
         commits[f"Saving Evaluation Results -- Step {step}"] = {
             f"eval_results/{p.name}": p for p in results if p.exists()}
         logs = [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "logs").glob("*.log"))]

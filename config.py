@@ -376,7 +376,7 @@ def validate(config: Config, world_size: int):
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
         ("evaluation.probe.memorization_tokens", probe.memorization_tokens,
-         probe.memorization_prefix + probe.memorization_tokens <= config.model.max_seq_len,
+         not probe.rows or probe.memorization_prefix + probe.memorization_tokens <= config.model.max_seq_len,
          f"with evaluation.probe.memorization_prefix={probe.memorization_prefix}, at most "
          f"model.max_seq_len={config.model.max_seq_len} tokens"),
     ]

@@ -137,7 +137,8 @@ class ParquetShards:
                  names: list[str] | None = None, order_seed: int = 0, filesystem=None):
         self.files, self.row_len, self.vocab_size = files, row_len, vocab_size
         self.names = names or [str(path) for path in files]
-        self.order_seed, self.filesystem = order_seed, filesystem  # filesystem: the Hub's, for HubShards.read_at
+        self.order_seed = order_seed
+        self.filesystem = filesystem  # the Hub's, for HubShards.read_at; None: local files
         self.groups = []  # in data order: (global position of its first row, shard, row group, row in shard)
         self.num_rows = 0
         for f, (path, name) in enumerate(zip(files, self.names)):
@@ -386,9 +387,9 @@ class HubShards:
             if k >= len(self.files):
                 raise DataError(f"row {p} requested, {self.name} has {self.num_rows}")
             if k not in shards:
+                path, name = f"{root}/{self.files[k]}", self.url(self.files[k])
                 shards[k] = self._hub(f"read the footer of {self.files[k]}", lambda: ParquetShards(
-                    [f"{root}/{self.files[k]}"], self.row_len, self.vocab_size, names=[self.url(self.files[k])],
-                    order_seed=self.order_seed, filesystem=fs))
+                    [path], self.row_len, self.vocab_size, [name], self.order_seed, filesystem=fs))
             rows.append(shards[k].read(row, 1)[0])
         return np.stack(rows)
 

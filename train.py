@@ -581,7 +581,8 @@ class Checkpoints:
         path = checkpoint.save_checkpoint(self.dir / "checkpoints", done, self.model, self.optimizer,
                                           self.scheduler, done * self.config.data.dataloader.batch_size,
                                           model_state=whole.state_dict(), learning_dynamics=captures,
-                                          tokenizer=self.tokenizer)
+                                          tokenizer=self.tokenizer,
+                                          loss_window=list(self.spikes.losses) if self.spikes else None)
         if ckpt.keep_last_n_optimizer_states is not None and self.env.rank == 0:
             checkpoint.drop_old_optimizer_states(self.dir / "checkpoints", ckpt.keep_last_n_optimizer_states)
         self.records.log.info(f"saved {path}")
@@ -638,34 +639,28 @@ class Checkpoints:
 
     def evaluate_probe(self, done: int, whole: PicoDecoder, out: Path) -> dict:
         """The training probe at checkpoint `done`: each row's loss and memorization in
-        step_N_probe.npy; their means over the rows seen and those not yet seen (the control), and
-        over the seen ones by steps since seen, in bins [0, 1), [1, 2), [2, 4), [4, 8) ..."""
+        step_N_probe.npy; probe_summary's means, returned and in metrics.jsonl."""
         probe, cfg, env = self.probe, self.config.evaluation.probe, self.env
-        losses = evaluate(whole, probe.rows, cfg.batch_size, env.device, env.autocast, byte_level=False)["rows"]
-        fields = {"position": probe.positions, "seen_at": probe.seen_at, "loss": losses.loss,
-                  "tokens": losses.tokens}
+        rows = evaluate(whole, probe.rows, cfg.batch_size, env.device, env.autocast, byte_level=False)["rows"]
+        fields = {"position": probe.positions, "seen_at": probe.seen_at, "loss": rows.loss,
+                  "tokens": rows.tokens}
         if cfg.memorization_tokens:
             fields["token_match"] = memorization(whole, probe.rows, cfg.memorization_prefix,
-                                                 cfg.memorization_tokens, cfg.batch_size, env.device, env.autocast)
+                                                 cfg.memorization_tokens, cfg.batch_size, env.device,
+                                                 env.autocast)
             fields["exact_match"] = fields["token_match"] == 1
         per_row = np.rec.fromarrays(list(fields.values()), names=list(fields))
-        seen, since = probe.seen_at <= done, done - probe.seen_at
-
-        def means(rows: np.ndarray) -> dict:
-            return {"rows": int(rows.sum()), **{name: float(per_row[name][rows].mean()) for name in (
-                "loss", "token_match", "exact_match") if name in fields and rows.any()}}
-        edges = [0] + [2 ** i for i in range(int(since[seen].max(initial=0)).bit_length() + 1)]
-        summary = {"seen": means(seen), "unseen": means(~seen), "by_steps_since_seen": [
-            {"steps_since_seen": [low, high], **means(seen & (since >= low) & (since < high))}
-            for low, high in zip(edges, edges[1:]) if (seen & (since >= low) & (since < high)).any()]}
+        summary = probe_summary(per_row, done)
         if env.rank == 0:
             save_array(out.with_name(f"step_{done}_probe.npy"), per_row)
-            self.records.write({"step": done, **{f"probe/{name}_{group}": value for group in ("seen", "unseen")
-                                                 for name, value in summary[group].items() if name != "rows"}})
+            groups = [group for group in ("seen", "unseen") if summary[group]["rows"]]
+            self.records.write({"step": done, **{f"probe/{name}_{group}": value for group in groups
+                                                 for name, value in summary[group].items()
+                                                 if name != "rows"}})
             self.records.log.info(f"probe step {done} | " + " | ".join(
                 f"{group} {summary[group]['rows']} rows: loss {summary[group]['loss']:.4f}" + (
                     f", memorized {summary[group]['exact_match']:.1%}" if cfg.memorization_tokens else "")
-                for group in ("seen", "unseen") if summary[group]["rows"]))
+                for group in groups))
         return summary
 
     def close(self):
@@ -721,6 +716,25 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     if byte_level:  # every token but the end-of-document id is one byte of text
         results["bits_per_byte"] = nll / math.log(2) / n_bytes
     return results
+
+
+def probe_summary(per_row: np.ndarray, done: int) -> dict:
+    """The probe's means at checkpoint `done`: over the rows seen and those not yet seen (the
+    control), and over the seen ones by steps since seen, in bins [0, 1), [1, 2), [2, 4), ..."""
+    since = done - per_row["seen_at"]
+    seen = since >= 0
+    measured = [name for name in ("loss", "token_match", "exact_match") if name in per_row.dtype.names]
+
+    def means(rows: np.ndarray) -> dict:
+        return {"rows": int(rows.sum()), **{name: float(per_row[name][rows].mean()) for name in measured
+                                            if rows.any()}}
+    bins, low, high = [], 0, 1
+    while seen.any() and low <= since[seen].max():
+        rows = seen & (since >= low) & (since < high)
+        if rows.any():
+            bins.append({"steps_since_seen": [low, high], **means(rows)})
+        low, high = high, 2 * high
+    return {"seen": means(seen), "unseen": means(~seen), "by_steps_since_seen": bins}
 
 
 @torch.no_grad()

@@ -71,13 +71,15 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def compare(name: str, a: dict, b: dict, differences: list[str]):
-    keys = [key for key in sorted(set(a) | set(b)) if not key.startswith(UNSEEDED)]
-    only = [key for key in keys if key not in a or key not in b]
-    differ = [key for key in keys if key in a and key in b and not same(a[key], b[key])]
-    if only or differ:
+def compare(name: str, a: dict, b: dict, differences: list[str], added: set):
+    """a: the reference's entries, each of which b must hold, the same; b's others go to `added`."""
+    keys = [key for key in sorted(a) if not key.startswith(UNSEEDED)]
+    missing = [key for key in keys if key not in b]
+    differ = [key for key in keys if key in b and not same(a[key], b[key])]
+    added.update(f"{name.split('/', 1)[-1]}: {key}" for key in b.keys() - a.keys())
+    if missing or differ:
         differences.append(f"{name}: {len(differ)} of {len(keys)} entries differ ({', '.join(differ[:3])}"
-                           f"{', ...' if len(differ) > 3 else ''}); {len(only)} in one run only")
+                           f"{', ...' if len(differ) > 3 else ''}); {len(missing)} missing in the new run")
 
 
 def main(argv=None) -> int:
@@ -98,20 +100,25 @@ def main(argv=None) -> int:
 
     a, b = work / "reference-runs" / "local", work / "new-runs" / "local"
     differences: list[str] = []
+    # A newer trainer may record more (per-layer statistics, the probe's records and keys): every
+    # value the reference recorded must be there, the same; what only the new run records is
+    # listed, not a difference.
     old, new = records(a), records(b)
-    # A newer trainer may record more (per-layer statistics): every value the reference recorded
-    # must be there, the same; what only the new run records is listed, not a difference.
+    known = {key for record in old for key in record} - {"step"}
+    added = {key for record in new if not record.keys() & known for key in record}  # the probe's records
+    new = [record for record in new if record.keys() & known]
     if len(old) != len(new) or any(r.get(key) != value for o, r in zip(old, new) for key, value in o.items()):
         differences.append("metrics.jsonl: the records differ (beyond tokens_per_s and mfu)")
-    added = sorted({key for o, r in zip(old, new) for key in r.keys() - o.keys()})
-    if added:
-        print(f"metrics.jsonl: recorded by the new run only: {', '.join(added[:6])}"
-              f"{', ...' if len(added) > 6 else ''} ({len(added)} keys)")
+    added.update(key for o, r in zip(old, new) for key in r.keys() - o.keys())
+    added.discard("step")
     for results in sorted({p.name for p in (a / "eval_results").glob("*.json")} |
                           {p.name for p in (b / "eval_results").glob("*.json")}):
-        if not (a / "eval_results" / results).is_file() or not (b / "eval_results" / results).is_file() \
-                or (a / "eval_results" / results).read_text() != (b / "eval_results" / results).read_text():
-            differences.append(f"eval_results/{results} differs")
+        old_file, new_file = a / "eval_results" / results, b / "eval_results" / results
+        if not old_file.is_file() or not new_file.is_file():
+            differences.append(f"eval_results/{results} in one run only")
+        else:
+            compare(f"eval_results/{results}", json.loads(old_file.read_text()),
+                    json.loads(new_file.read_text()), differences, added)
     steps = [sorted(p.name for p in (run / "checkpoints").glob("step_*")) for run in (a, b)]
     if steps[0] != steps[1]:
         differences.append(f"checkpoints: {steps[0]} against {steps[1]}")
@@ -119,8 +126,12 @@ def main(argv=None) -> int:
         old, new = a / "checkpoints" / step, b / "checkpoints" / step
         for file in ["model.safetensors", "training_state.pt"] + sorted(
                 f"learning_dynamics/{p.name}" for p in (old / "learning_dynamics").glob("*.pt")):
-            compare(f"{step}/{file}", tensors(old / file), tensors(new / file), differences)
-        compare(f"{step}/optimizer", optimizer(old, work), optimizer(new, work), differences)
+            compare(f"{step}/{file}", tensors(old / file), tensors(new / file), differences, added)
+        compare(f"{step}/optimizer", optimizer(old, work), optimizer(new, work), differences, added)
+    if added:
+        names = sorted({key.split(": ")[-1].split("/")[0] for key in added})
+        print(f"recorded by the new run only: {len(added)} keys ({', '.join(names[:8])}"
+              f"{', ...' if len(names) > 8 else ''})")
     for line in differences:
         print(line)
     print(f"{len(steps[0])} checkpoints and {len(records(a))} records compared in {work}: "

@@ -25,6 +25,7 @@ import config as pico_config
 import data
 import train
 from test_evaluation import eval_args, write_eval_set
+from test_probe import PROBE
 from test_train import ROOT, SEQ, TINY, VOCAB, final_weights, losses, optimizer_state, run, snapshot
 
 STEPS = 6
@@ -54,7 +55,9 @@ def runs(tmp_path_factory):
     write_eval_set(tmp / "val" / "val", [33, 20, 33, 2, 17, 33, 9])
     config = tmp / "tiny.py"
     config.write_text(TINY.format(data=str(tmp / "shards"), runs=str(tmp / "runs")))
-    common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}"]
+    common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}",
+              *PROBE, "--evaluation.probe.rows=11",  # split 5 and 6 over the ranks
+              "--monitoring.loss_spikes.std_devs=0.01", "--monitoring.loss_spikes.window=2"]  # most rises
     run(config, *common, "--checkpointing.run_name=one")
     torchrun(config, *common, *TWO, "--checkpointing.run_name=ddp")
     torchrun(config, *common, *TWO, "--checkpointing.run_name=fsdp", "--training.distributed=fsdp")
@@ -104,6 +107,28 @@ def test_two_processes_record_the_per_layer_statistics_of_one(runs, strategy):
         assert len(stats) == 3 * 4 and stats == [key for key in b if "/" in key]
         for key in stats:
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-7), (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_record_the_probe_and_the_loss_spikes_of_one(runs, strategy):
+    dirs, _, _ = runs
+    for step in (0, 1, 2, 4, 6):
+        one, two = (np.load(dirs[name] / "eval_results" / f"step_{step}_probe.npy")
+                    for name in ("one", strategy))
+        for field in ("position", "seen_at", "tokens", "token_match", "exact_match"):
+            assert one[field].tolist() == two[field].tolist(), (step, field)
+        np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    spikes = sorted(p.name for p in (dirs["one"] / "spikes").iterdir())
+    assert spikes and spikes == sorted(p.name for p in (dirs[strategy] / "spikes").iterdir())
+    for name in spikes:
+        one, two = (json.loads((dirs[d] / "spikes" / name / "spike.json").read_text())
+                    for d in ("one", strategy))
+        assert one["positions"] == two["positions"] and math.isclose(one["loss"], two["loss"], rel_tol=1e-5)
+        for kind in ("activations", "gradients"):
+            a, b = (torch.load(dirs[d] / "spikes" / name / "learning_dynamics" / f"train_{kind}.pt",
+                               weights_only=True) for d in ("one", strategy))
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

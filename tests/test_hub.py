@@ -123,6 +123,17 @@ def test_the_next_shard_is_downloaded_before_the_reader_reaches_it(repo, hub):
     assert not shard_downloads(hub, 2), "prefetch goes one shard ahead with max_cached_shards=2"
 
 
+@pytest.mark.parametrize("order_seed", [0, 3])
+def test_probe_rows_are_read_by_range_requests_without_downloading_a_shard(repo, hub, tmp_path, order_seed):
+    positions = [1, 17, 30, 33, 60]  # four shards, two rows of one row group
+    local = data.open_dataset(str(tmp_path / "repo" / "data"), ROW_LEN, VOCAB, order_seed=order_seed)
+    remote = data.open_dataset(REPO, ROW_LEN, VOCAB, order_seed=order_seed)
+    np.testing.assert_array_equal(remote.read_at(positions), local.read_at(positions))
+    assert not any(shard_downloads(hub, k) for k in range(4)) and not cached_shards(tmp_path / "hf-cache")
+    reads = [r for k in range(4) for r in hub.requests_for(shard_name(k, 4)) if r["method"] == "GET"]
+    assert reads and all(r["range"] for r in reads)
+
+
 def test_a_revision_other_than_main_is_read(hub, tmp_path):
     hub.add_repo(REPO, write_repo(tmp_path / "main"))
     hub.add_repo(REPO, write_repo(tmp_path / "v1", n_shards=2), branch="v1")

@@ -119,3 +119,48 @@ def test_loss_spikes_window_leaves_spikes_and_non_finite_losses_out():
     assert spikes.is_spike(6, 9.0)  # the first spike did not enter the window
     assert not spikes.is_spike(7, float("nan")) and not spikes.is_spike(8, 2.05)
     assert list(spikes.losses) == [2.1, 1.9, 2.0, 2.05]
+
+
+def test_a_loss_spike_is_logged_and_its_batch_recorded_and_captured_as_a_checkpoint_would(tiny, tmp_path):
+    config, runs = tiny
+    spikes = ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
+    run(config, "--training.max_steps=8", *spikes)
+    assert not (runs / "run" / "spikes").exists()
+    # Resumed with a thousandfold lr, the loss leaps at step 11. The window of the 4 losses before
+    # comes from checkpoint 8, so the resumed run can tell at once.
+    result = run(config, "--training.max_steps=12", "--training.optimization.lr=3.0",
+                 "--checkpointing.save_every_n_steps=2", *spikes)
+    assert "loss spike at step 11" in result.stdout
+    assert sorted(p.name for p in (runs / "run" / "spikes").iterdir()) == ["step_11", "step_12"]
+    spike = json.loads((runs / "run" / "spikes" / "step_11" / "spike.json").read_text())
+    assert spike["step"] == 11 and spike["positions"] == [80, 88]  # the rows of `data.py batch --step 10`
+    assert spike["loss"] == losses(runs / "run")[11] > spike["mean"] + 3 * spike["std"]
+    assert records(runs / "run", "loss_spike")[11]["loss_spike"] == spike["loss"]
+    # with the weights after step 12 on the batch step 12 trained on: checkpoint 12's own captures
+    spike_dir = runs / "run" / "spikes" / "step_12"
+    ckpt = runs / "run" / "checkpoints" / "step_12" / "learning_dynamics"
+    for kind in ("activations", "weights", "gradients"):
+        captured, saved = (torch.load(d / f"train_{kind}.pt", weights_only=True)
+                           for d in (spike_dir / "learning_dynamics", ckpt))
+        assert captured.keys() == saved.keys() and all(torch.equal(captured[k], saved[k]) for k in saved)
+    arrow = "train_data/data-00000-of-00001.arrow"
+    assert (spike_dir / "learning_dynamics" / arrow).read_bytes() == (ckpt / arrow).read_bytes()
+
+
+def test_probe_memorization_spikes_and_layer_statistics_leave_the_run_bit_identical(tiny):
+    config, runs = tiny
+    off = ["--checkpointing.run_name=off", "--monitoring.loss_spikes.std_devs=None",
+           "--monitoring.logging.layer_stats=False"]
+    on = ["--checkpointing.run_name=on", *PROBE, "--monitoring.loss_spikes.std_devs=0.01",
+          "--monitoring.loss_spikes.window=2"]  # so sensitive that most rises are spikes, and captured
+    run(config, "--training.max_steps=8", *off)
+    run(config, "--training.max_steps=8", *on)
+    assert list((runs / "on" / "spikes").iterdir())
+    assert losses(runs / "off") == losses(runs / "on")
+    for step in (0, 1, 2, 4, 8):
+        a, b = (runs / name / "checkpoints" / f"step_{step}" for name in ("off", "on"))
+        for name in ("model.safetensors", "learning_dynamics/train_activations.pt",
+                     "learning_dynamics/train_gradients.pt"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), (step, name)
+    wa, wb = final_weights(runs / "off"), final_weights(runs / "on")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
