@@ -141,7 +141,8 @@ class ProbeEvaluationConfig:
     # every checkpoint: before, at and after the step that trains on it. At most all the run's; 0: none
     rows: NonNegative = 256
     # Pythia's memorization test on them: greedy decoding of memorization_tokens tokens from each
-    # row's first memorization_prefix tokens, compared with the row's own. 0 tokens: no test
+    # row's first memorization_prefix tokens, compared with the row's own. 0 tokens: no test; a
+    # model.max_seq_len shorter than both together: none either, with a warning
     memorization_prefix: Positive = 32
     memorization_tokens: NonNegative = 32
     batch_size: Positive = 16
@@ -354,7 +355,6 @@ def validate(config: Config, world_size: int):
     opt, training, ld = config.training.optimization, config.training, config.checkpointing.learning_dynamics
     batch, per_step = config.data.dataloader.batch_size, world_size * opt.gradient_accumulation_steps
     hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
-    probe = config.evaluation.probe
     cuda = torch.cuda.is_available()
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
@@ -375,10 +375,6 @@ def validate(config: Config, world_size: int):
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
-        ("evaluation.probe.memorization_tokens", probe.memorization_tokens,
-         not probe.rows or probe.memorization_prefix + probe.memorization_tokens <= config.model.max_seq_len,
-         f"with evaluation.probe.memorization_prefix={probe.memorization_prefix}, at most "
-         f"model.max_seq_len={config.model.max_seq_len} tokens"),
     ]
     problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
                                           for key, value, ok, expected in rules if not ok]

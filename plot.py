@@ -3,10 +3,10 @@
     python plot.py runs/RUN [--out runs/RUN/curves.png]
 
 Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and draws, each where
-the run recorded it: the training loss with the evaluation loss, the evaluation perplexity (also
-per source), the learning rate, the gradient norm, the throughput, and per layer
-(monitoring.logging.layer_stats) the weight norm, the gradient norm and the update over the
-weights. Needs matplotlib, an optional extra: pip install matplotlib.
+the run recorded it: the training loss with the evaluation loss and loss spikes, the evaluation
+perplexity (also per source), the learning rate, the gradient norm, the throughput, the training
+probe's loss and memorization (seen and unseen rows), and per layer (monitoring.logging.layer_stats)
+the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an optional extra: pip install matplotlib.
 """
 
 import argparse
@@ -40,11 +40,14 @@ def panels(series: dict) -> list[tuple[str, list[str], bool]]:
     """(title, keys, log y axis) of each panel the run has data for."""
     def per_layer(kind):  # in the model's order (and the evaluation's per source)
         return [key for key in series if key.startswith(kind + "/")]
-    found = [("loss", ["loss", "paloma_loss"], False),
+    found = [("loss", ["loss", "paloma_loss", "loss_spike"], False),
              ("evaluation perplexity", ["paloma_perplexity", *per_layer("paloma_perplexity")], True),
              ("learning rate", ["lr"], False),
              ("gradient norm", ["grad_norm"], True),
              ("tokens/s", ["tokens_per_s"], False),
+             ("training probe loss", ["probe/loss_seen", "probe/loss_unseen"], False),
+             ("training probe memorized", [f"probe/{m}_{g}" for m in ("exact_match", "token_match")
+                                           for g in ("seen", "unseen")], False),
              ("weight norm per layer", per_layer("weight_norm"), False),
              ("gradient norm per layer", per_layer("grad_norm"), True),
              ("update / weight norm per layer", per_layer("update_ratio"), True)]
@@ -72,7 +75,9 @@ def plot(run_dir: Path, out: Path):
     for ax, (title, keys, log) in zip(axes.flat, shown):
         for key in keys:
             steps, values = zip(*series[key])
-            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None, linewidth=1)
+            spikes = key == "loss_spike"  # marked, not joined
+            ax.plot(steps, values, label=key, marker="x" if spikes else "." if len(steps) < 30 else None,
+                    linewidth=0 if spikes else 1)
         if log and all(v > 0 for key in keys for _, v in series[key] if math.isfinite(v)):
             ax.set_yscale("log")
         ax.set_title(title)

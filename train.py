@@ -546,6 +546,13 @@ class Checkpoints:
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.eval_rows, self.ld_rows, self.probe, self.spikes = eval_rows, ld_rows, probe, spikes
+        cfg = config.evaluation.probe
+        self.memorize = cfg.memorization_tokens and probe is not None
+        if self.memorize and cfg.memorization_prefix + cfg.memorization_tokens > config.model.max_seq_len:
+            self.memorize = False  # a default a short model cannot run: a reason to say so, not to stop
+            records.log.warning(f"evaluation.probe: memorization of {cfg.memorization_tokens} tokens from "
+                                f"{cfg.memorization_prefix} does not fit in model.max_seq_len="
+                                f"{config.model.max_seq_len}; the probe runs without it")
         self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
@@ -644,7 +651,7 @@ class Checkpoints:
         rows = evaluate(whole, probe.rows, cfg.batch_size, env.device, env.autocast, byte_level=False)["rows"]
         fields = {"position": probe.positions, "seen_at": probe.seen_at, "loss": rows.loss,
                   "tokens": rows.tokens}
-        if cfg.memorization_tokens:
+        if self.memorize:
             fields["token_match"] = memorization(whole, probe.rows, cfg.memorization_prefix,
                                                  cfg.memorization_tokens, cfg.batch_size, env.device,
                                                  env.autocast)
@@ -659,7 +666,7 @@ class Checkpoints:
                                                  if name != "rows"}})
             self.records.log.info(f"probe step {done} | " + " | ".join(
                 f"{group} {summary[group]['rows']} rows: loss {summary[group]['loss']:.4f}" + (
-                    f", memorized {summary[group]['exact_match']:.1%}" if cfg.memorization_tokens else "")
+                    f", memorized {summary[group]['exact_match']:.1%}" if self.memorize else "")
                 for group in groups))
         return summary
 

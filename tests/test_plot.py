@@ -19,14 +19,21 @@ def test_plots_the_curves_a_run_recorded(tmp_path):
     records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4,
                 **{f"{kind}/{layer}": 0.1 * s for kind in ("weight_norm", "grad_norm", "update_ratio")
                    for layer in ("embedding", "layers.0", "output")}}
-               for s in range(1, 20)] + [{"step": 10, "paloma_perplexity": 30.0, "paloma_loss": 3.4}]
+               for s in range(1, 20)] + [{"step": 10, "paloma_perplexity": 30.0, "paloma_loss": 3.4},
+                                         {"step": 10, "probe/loss_seen": 3.1, "probe/loss_unseen": 3.6,
+                                          "probe/exact_match_seen": 0.25, "probe/token_match_seen": 0.5},
+                                         {"step": 12, "loss_spike": 6.0}]
     write_run(run, records, tail='{"step": 20, "lo')  # a line a crash cut short is skipped
     plot.main([str(run)])
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [title for title, _, _ in plot.panels(plot.read_metrics(run))] == [
+    shown = plot.panels(plot.read_metrics(run))
+    assert [title for title, _, _ in shown] == [
         "loss", "evaluation perplexity", "learning rate", "gradient norm", "tokens/s",
+        "training probe loss", "training probe memorized",
         "weight norm per layer", "gradient norm per layer", "update / weight norm per layer"]
-    assert plot.panels(plot.read_metrics(run))[5][1] == [
+    assert shown[0][1] == ["loss", "paloma_loss", "loss_spike"]
+    assert shown[6][1] == ["probe/exact_match_seen", "probe/token_match_seen"]
+    assert plot.panels(plot.read_metrics(run))[7][1] == [
         "weight_norm/embedding", "weight_norm/layers.0", "weight_norm/output"]  # the model's order
 
 
