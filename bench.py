@@ -45,11 +45,32 @@ gradients, DDP's gradient buckets, AdamW's two moments), the activations a micro
 the backward measured here (the bytes of every tensor autograd saves, under bf16 autocast, for
 models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks and --seq-len).
 Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
+
+    python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16] [--seq-len 2048]
+
+The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
+micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built
+by train.build and train.parallelize under DDP in a process group of one (as a single-GPU run
+under torchrun --nproc_per_node=1), each step the lines of train.py's loop for a step that neither
+logs nor checkpoints: train.train_step, AdamW, the lr schedule, the loss read for spike
+detection. Random tokens. Rows per micro-step: on CUDA the suite's per GPU (the global batch over
+16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2 rows of 256. Per size: tokens/s
+over --rounds consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory
+(CUDA: allocated; CPU: the process's peak resident set, all sizes so far), and one checkpoint's
+evaluation-side work as train.Checkpoints runs it (learning-dynamics captures on the step's batch
+and 64 random evaluation rows, train.evaluate on those rows) as a share of 1,000 steps. Then a
+profiled window of steps by kind of work (KERNEL_CLASSES): device kernels on CUDA, with idle =
+wall time when no kernel runs; on CPU the ops' own (self) CPU time, with idle = time in no op.
+Kernels that run at once on two streams (DDP's all-reduce beside the backward) can make the
+shares add up to more than 100%.
 """
 
 import argparse
+import gc
 import os
 import platform
+import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -60,13 +81,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 import transformers
 from huggingface_hub import constants
 
 import checkpoint
 import data
 import train
-from config import Config
+from config import Config, load_config
 from model import SUITE, ModelConfig, PicoDecoder
 
 
@@ -417,12 +439,232 @@ def bench_scaling(args):
     torch.distributed.destroy_process_group()
 
 
+# --train's kinds of work, for a profiled window: each class's patterns, searched in a CUDA kernel's
+# name or a CPU op's (case-insensitive). The first class that matches wins, so the order matters:
+# cuDNN's and CUTLASS's attention kernels have gemm-like names, and the compiled loss's triton
+# kernels are named after log_softmax. A triton kernel named after attention only moves data around
+# it: inductor leaves attention itself to its own kernels. On CPU an op takes the class of its
+# outermost caller that has one, so aten::mm under aten::linear is matmul and the elementwise ops
+# of AdamW's loop (under Optimizer.step) are optimizer; any other aten op there is elementwise.
+# Unmatched: "other" (copies, memsets, autograd's and DDP's Python bookkeeping).
+KERNEL_CLASSES = {
+    "communication": r"nccl|gloo|c10d|all_?reduce",
+    "optimizer": r"adam|multi_tensor|_foreach_|optimizer\.",
+    "attention": r"^(?!triton_).*(flash|fmha|attention|sdpa|scaled_dot_product)",
+    "cross-entropy": r"cross_entropy|log_?softmax|nll_loss|softmax",
+    "matmul": r"gemm|cutlass|xmma|sm90|nvjet|cublas|aten::(mm|addmm|bmm|matmul|linear)$",
+    "elementwise": r"triton_|elementwise|reduce|cpp_fused|aten::",
+}
+CLASS_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in KERNEL_CLASSES.items()}
+# The suite trains on 16 GPUs: a GPU's micro-batch is the global batch over 16 x the micro-steps.
+SUITE_GPUS = 16
+EVAL_ROWS = 64  # --train: evaluation rows captured and evaluated at a checkpoint
+PROFILE_STEPS = 3  # --train: steps in the profiled window
+
+
+def kernel_class(name: str) -> str:
+    return next((kind for kind, pattern in CLASS_PATTERNS.items() if pattern.search(name)), "other")
+
+
+def op_class(event) -> str:
+    """A CPU op's class: that of its outermost caller (or itself) that has one."""
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return next((kind for kind in map(kernel_class, reversed(names)) if kind != "other"), "other")
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the (start, end) spans."""
+    total, end = 0.0, -float("inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def profile_window(run_step, steps: int, device: torch.device) -> dict | None:
+    """Shares of the wall time of `steps` consecutive steps by class, and idle; None when the
+    profiler saw no CUDA kernel (no CUPTI)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # On CUDA the kernels alone: recording every CPU op too would slow the host, which a small
+    # model's step waits on, and inflate idle.
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profiler:
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        sync()
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = profiler.events()
+    if cuda:
+        busy = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not busy:
+            return None
+        times = [(kernel_class(e.name), e.time_range.elapsed_us()) for e in busy]
+    else:
+        busy = [e for e in events if e.cpu_parent is None]  # the outermost ops: in any op at all
+        times = [(op_class(e), e.self_cpu_time_total) for e in events]
+    shares = dict.fromkeys([*KERNEL_CLASSES, "other"], 0.0)
+    for kind, us in times:
+        shares[kind] += us / wall_us
+    shares["idle"] = max(0.0, 1 - covered([(e.time_range.start, e.time_range.end) for e in busy]) / wall_us)
+    return shares
+
+
+def suite_config(name: str, args, cuda: bool) -> Config:
+    """The size's config file, with one process's global batch: micro-steps of --micro-batch rows."""
+    config = load_config(str(Path(__file__).resolve().parent / "configs" / f"pico-decoder-{name}.py"), [])
+    accum = config.training.optimization.gradient_accumulation_steps
+    if args.micro_batch is not None:
+        micro_batch = args.micro_batch
+    else:
+        micro_batch = config.data.dataloader.batch_size // (SUITE_GPUS * accum) if cuda else 2
+    if args.seq_len is not None:
+        config.model.max_seq_len = args.seq_len
+    elif not cuda:
+        config.model.max_seq_len = 256
+    config.data.dataloader.batch_size = micro_batch * accum
+    config.training.compile = True if args.compile else None  # None: train.py's, on for CUDA only
+    config.evaluation.probe.rows = 0  # the probe is --probe's; without it a short --seq-len is valid
+    return config
+
+
+def join_group_of_one(env: train.Env):
+    """A process group of one, as train.start_distributed makes for FSDP in one process, so that
+    DDP wraps the model as in a run under torchrun --nproc_per_node=1."""
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    options = {"device_id": env.device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
+
+
+def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor):
+    """One pass of train.main()'s loop at a step that neither logs nor checkpoints."""
+    model, step_model, wrapper, optimizer, scheduler = built
+    accum = config.training.optimization.gradient_accumulation_steps
+    batch = rows.to(env.device, non_blocking=True).view(accum, -1, config.model.max_seq_len + 1)
+    loss = train.train_step(step_model, wrapper, batch, env.autocast)
+    train.clip_gradients(model, config.training.optimization.max_grad_norm, False)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if config.monitoring.loss_spikes.std_devs:  # on by default: the loop waits for each step's loss
+        dist.all_reduce(loss)
+        loss.item()
+
+
+def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: torch.Tensor) -> float:
+    """Seconds of one checkpoint's evaluation-side work as train.Checkpoints runs it, on the
+    unwrapped model (eager): the learning-dynamics captures on the step's batch and EVAL_ROWS
+    evaluation rows, then train.evaluate on those rows."""
+    cuda = env.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    val = list(torch.randint(0, config.model.vocab_size, (EVAL_ROWS, config.model.max_seq_len + 1)))
+    batch = rows.to(env.device).view(config.training.optimization.gradient_accumulation_steps, -1,
+                                     config.model.max_seq_len + 1)
+
+    def once() -> float:
+        sync()
+        start = time.perf_counter()
+        checkpoint.learning_dynamics(model, batch, val, config.checkpointing.learning_dynamics, env.device,
+                                     env.autocast)
+        train.evaluate(model, val, config.evaluation.paloma.batch_size, env.device, env.autocast,
+                       byte_level=False)
+        sync()
+        return time.perf_counter() - start
+    if cuda:  # the eager kernels' first launches (cuBLAS handles, autotuning): once a run, not a checkpoint
+        once()
+    return once()
+
+
+def bench_train_size(name: str, args) -> tuple[str, str, train.Env]:
+    """One size's row of each --train table, and its Env."""
+    cuda = torch.cuda.is_available()
+    config = suite_config(name, args, cuda)
+    env = train.setup(config)
+    if not dist.is_initialized():
+        join_group_of_one(env)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+    built = train.build(config, env, train.Run(Path("unused")))  # no checkpoint to read: nothing on disk
+    model = built[0]
+    print(f"pico-decoder-{name}: {model.num_params():,} parameters", flush=True)
+    accum, seq_len = config.training.optimization.gradient_accumulation_steps, config.model.max_seq_len
+    rows = torch.randint(0, config.model.vocab_size, (config.data.dataloader.batch_size, seq_len + 1))
+    rows = rows.pin_memory() if cuda else rows  # as data.BatchStream hands them over
+
+    def run_step():
+        loop_step(config, env, built, rows)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(untimed_steps(args, env.compile)):
+        run_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.rounds):
+        run_step()
+    sync()
+    step_s = (time.perf_counter() - start) / args.rounds
+    tokens_per_s = config.data.dataloader.batch_size * seq_len / step_s
+    if cuda:
+        memory = f"{torch.cuda.max_memory_allocated(env.device) / 1e9:.1f} GB"
+    else:  # ru_maxrss is in kB on Linux
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB RSS"
+    peak = train.peak_flops(env.device)
+    mfu = f"{model.flops_per_token(seq_len) * tokens_per_s / peak:.1%}" if peak else "n/a"
+    shares = profile_window(run_step, PROFILE_STEPS, env.device)
+    work_s = checkpoint_work(config, env, model, rows)
+    micro_batch = config.data.dataloader.batch_size // accum
+    row = [name, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
+           memory, f"{work_s:,.2f} s", f"{work_s / (1000 * step_s):.2%}"]
+    kinds = [*KERNEL_CLASSES, "other", "idle"]
+    breakdown = [name] + ([f"{shares[kind]:.1%}" for kind in kinds] if shares else ["n/a"] * len(kinds))
+    return "| " + " | ".join(row) + " |", "| " + " | ".join(breakdown) + " |", env
+
+
+def bench_train(args):
+    sizes = list(SUITE) if args.all_sizes else args.model
+    rows, breakdowns = [], []
+    for name in sizes:
+        row, breakdown, env = bench_train_size(name, args)
+        rows.append(row)
+        breakdowns.append(breakdown)
+        # Free this size's model before the next one's peak memory is measured: the compiled
+        # code, which holds on to it, too.
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(f"\nMachine: {machine(env.device)}. train.py's step: DDP in a process group of one "
+          f"({dist.get_backend()}), precision {env.precision}, compile {env.compile}; micro-steps x rows "
+          f"x tokens per step, mean of {args.rounds} consecutive steps after "
+          f"{untimed_steps(args, env.compile)} untimed.\n")
+    print("| model | step | ms/step | tokens/s | MFU | peak memory | checkpoint: captures + evaluation "
+          "| captures + evaluation / 1,000 steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    where = ("device kernels' time; idle: no kernel running" if env.device.type == "cuda"
+             else "ops' own CPU time; idle: in no op (Python, waits)")
+    print(f"\nA profiled window of {PROFILE_STEPS} steps by kind of work, shares of its wall time "
+          f"({where}):\n")
+    print("| model | " + " | ".join([*KERNEL_CLASSES, "other", "idle"]) + " |")
+    print("|---|" + "---:|" * (len(KERNEL_CLASSES) + 2))
+    print("\n".join(breakdowns))
+    dist.barrier()  # as train.py ends: no collective left in flight
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=SUITE, default="tiny")
+    parser.add_argument("--model", choices=SUITE, nargs="+", default=["tiny"], help="several with --train")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per row; default 256, with --train on CUDA the suite's 2048")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (--train: compile on CPU too)")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
@@ -439,8 +681,19 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true",
                         help="the cost of the training probe, memorization and spike detection instead")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
-    parser.add_argument("--micro-batch", type=int, default=8, help="for --memory: rows per GPU, micro-step")
+    parser.add_argument("--micro-batch", type=int,
+                        help="rows per GPU and micro-step: --memory 8, --train the suite's on CUDA, 2 on CPU")
+    parser.add_argument("--train", action="store_true",
+                        help="train.py's own step: tokens/s, MFU, memory, time by kind of work instead")
+    parser.add_argument("--all-sizes", action="store_true", help="for --train: every size of the suite")
     args = parser.parse_args()
+    if args.train:
+        return bench_train(args)
+    if len(args.model) > 1:
+        parser.error(f"--model {' '.join(args.model)}: expected one size (several only with --train)")
+    args.model = args.model[0]
+    args.seq_len = 256 if args.seq_len is None else args.seq_len
+    args.micro_batch = 8 if args.micro_batch is None else args.micro_batch
     if args.memory:
         return bench_memory(args)
     if args.layer_stats:

@@ -1,0 +1,92 @@
+"""bench.py --train: the trainer's own step, timed and profiled by kind of work."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def table_rows(output: str, header_start: str) -> list[list[str]]:
+    """The cells of the body rows of the markdown table whose header starts with header_start."""
+    lines = output.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(header_start)) + 2
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work():
+    # One thread: on a busy machine a team of threads spends its time waiting for its last member.
+    result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--micro-batch", "2", "--rounds", "3", "--warmup", "1"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Machine: " in result.stdout
+    [timing] = table_rows(result.stdout, "| model | step |")
+    assert timing[:2] == ["tiny", "4 x 2 x 32"]  # the config file's 4 micro-steps
+    assert float(timing[3].replace(",", "")) > 0  # tokens/s
+    assert timing[4] == "n/a"  # no MFU without a GPU's peak
+    assert timing[5].endswith("GB RSS")
+    assert float(timing[7].rstrip("%")) > 0  # captures + evaluation / 1,000 steps
+    [shares] = table_rows(result.stdout, "| model | communication |")
+    assert shares[0] == "tiny" and len(shares) == len(bench.KERNEL_CLASSES) + 3
+    percents = [float(cell.rstrip("%")) for cell in shares[1:]]
+    assert percents[list(bench.KERNEL_CLASSES).index("matmul")] > 0
+    assert sum(percents) == pytest.approx(100, abs=3)  # one thread's ops and the gaps between them
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_"
+     "kernel__5x_cublas", "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", "matmul"),
+    ("flash_fwd_kernel", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>",
+     "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0",
+     "attention"),
+    ("triton_poi_fused_add_mul_0", "elementwise"),
+    ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_1", "elementwise"),
+    ("triton_poi_fused__scaled_dot_product_flash_attention_backward_2", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "elementwise"),
+    ("triton_red_fused__log_softmax_nll_loss_forward_3", "cross-entropy"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+     "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>", "cross-entropy"),
+    ("multi_tensor_apply_kernel", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("Memcpy HtoD (Pinned -> Device)", "other"),
+    # CPU ops, by aten name
+    ("aten::mm", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::_log_softmax_backward_data", "cross-entropy"),
+    ("Optimizer.step#AdamW.step", "optimizer"),
+    ("gloo:all_reduce", "communication"),
+    ("aten::mul", "elementwise"),
+    ("autograd::engine::evaluate_function: MmBackward0", "other"),
+])
+def test_kernels_are_classed_by_name(name, kind):
+    assert bench.kernel_class(name) == kind
+
+
+def test_a_cpu_op_takes_the_class_of_its_outermost_caller_that_has_one():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)  # a loop of elementwise ops
+    model(torch.ones(2, 4)).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        optimizer.step()
+        model(torch.ones(2, 4))
+    classes = {(event.name, bench.op_class(event)) for event in profiler.events()}
+    assert ("aten::lerp_", "optimizer") in classes  # under Optimizer.step
+    assert ("aten::t", "matmul") in classes  # the weight's transpose, under aten::linear
