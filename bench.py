@@ -34,8 +34,9 @@ not log run no code of it at all.
     python bench.py --probe [--model small] [--batch-size 4] [--seq-len 256]
 
 The training probe and memorization test at one checkpoint (evaluation.probe's defaults) as a
-share of the 1,000 steps between two checkpoints, and loss-spike detection's cost per step (the
-loop waiting for each step's loss), with and without it in interleaved blocks of steps.
+share of the 1,000 steps between two checkpoints: of --batch-size rows, and of the suite's 1,024
+(the step's time scaled by rows); and loss-spike detection's cost per step (the loop waiting for
+each step's loss), with and without it in interleaved blocks of steps.
 
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
@@ -341,10 +342,13 @@ def bench_probe(args, device: torch.device):
     print(f"\nMachine: {machine(device)}. pico-decoder-{args.model}, {args.batch_size} x {args.seq_len} "
           f"tokens a step; probe of {probe.rows} rows, {probe.memorization_tokens} tokens decoded from "
           f"{probe.memorization_prefix}.\n")
-    print("| step | step with spike detection | probe + memorization | probe / 1,000 steps |")
-    print("|---:|---:|---:|---:|")
+    # A step of the suite's global batch (1,024 rows) takes 1,024 / --batch-size times this one.
+    suite = Config().data.dataloader.batch_size / args.batch_size
+    print("| step | step with spike detection | probe + memorization | probe / 1,000 steps | "
+          f"probe / 1,000 steps of {Config().data.dataloader.batch_size} rows |")
+    print("|---:|---:|---:|---:|---:|")
     print(f"| {plain * 1e3:,.1f} ms | {spiky * 1e3:,.1f} ms ({spiky / plain - 1:+.1%}) | "
-          f"{probed * 1e3:,.0f} ms | {probed / (1000 * plain):.2%} |")
+          f"{probed * 1e3:,.0f} ms | {probed / (1000 * plain):.2%} | {probed / (1000 * plain * suite):.3%} |")
 
 
 def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:

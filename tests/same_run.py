@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             compare(f"{step}/{file}", tensors(old / file), tensors(new / file), differences, added)
         compare(f"{step}/optimizer", optimizer(old, work), optimizer(new, work), differences, added)
     if added:
-        names = sorted({key.split(": ")[-1].split("/")[0] for key in added})
+        names = sorted({key.split(": ")[-1].split("/")[0].split(".")[0] for key in added})  # their groups
         print(f"recorded by the new run only: {len(added)} keys ({', '.join(names[:8])}"
               f"{', ...' if len(names) > 8 else ''})")
     for line in differences:
