@@ -908,6 +908,11 @@ class HubUploader:
                    for end in (".json", "_rows.npy", "_probe.npy")]
         commits[f"Saving Evaluation Results -- Step {step}"] = {
             f"eval_results/{p.name}": p for p in results if p.exists()}
+        spikes = {p.relative_to(self.run_dir).as_posix(): p
+                  for p in sorted((self.run_dir / "spikes").glob("step_*/**/*")) if p.is_file()
+                  and int(p.relative_to(self.run_dir / "spikes").parts[0][len("step_"):]) <= step}
+        commits[f"Saving Loss Spikes -- Step {step}"] = {  # those since the last checkpoint's commit
+            path: p for path, p in spikes.items() if path not in self.committed}
         logs = [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "logs").glob("*.log"))]
         commits[f"Saving Logs -- Step {step}"] = {
             p.relative_to(self.run_dir).as_posix(): p for p in logs if p.exists()}

@@ -255,6 +255,25 @@ def test_a_kind_without_files_makes_no_commit(hub, tmp_path):
     assert files_in(branch) == {"config.json", "model.safetensors", "training_config.yaml"}
 
 
+def test_loss_spikes_go_up_with_the_first_checkpoint_after_them(hub, tmp_path):
+    fake_run(tmp_path / "run", [2, 4])
+    for step in (1, 3):
+        spike = tmp_path / "run" / "spikes" / f"step_{step}"
+        (spike / "learning_dynamics").mkdir(parents=True)
+        (spike / "spike.json").write_text('{"step": %d}\n' % step)
+        (spike / "learning_dynamics" / "train_weights.pt").write_bytes(b"weights at spike %d" % step)
+    hub_uploader = uploader(tmp_path / "run")
+    hub_uploader.submit(2)
+    hub_uploader.submit(4)
+    hub_uploader.close()
+    assert branch_titles() == ["Saving HF Model -- Step 2", "Saving Loss Spikes -- Step 2",
+                               "Saving HF Model -- Step 4", "Saving Loss Spikes -- Step 4"]
+    branch = Path(snapshot_download(REPO, revision="run"))
+    assert {f for f in files_in(branch) if f.startswith("spikes/")} == {
+        f"spikes/step_{s}/{name}" for s in (1, 3)
+        for name in ("spike.json", "learning_dynamics/train_weights.pt")}
+
+
 def test_steps_left_pending_by_an_earlier_run_are_uploaded_first(hub, tmp_path, caplog):
     run = tmp_path / "run"
     fake_run(run, [3, 6, 9], learning_dynamics=True, eval_results=True)
