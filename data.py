@@ -19,6 +19,7 @@ PATH_OR_REPO`, which checks every shard and counts rows and tokens.
 import argparse
 import bisect
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -248,7 +249,8 @@ class HubShards:
         storage = Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
             repo_id=repo_id, repo_type="dataset")
         self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
-        index = self._index(storage / "pico-shards" / f"{self.sha}.json")
+        self.own_files = storage / "pico-shards"  # this reader's: the commit's index, probe rows
+        index = self._index(self.own_files / f"{self.sha}.json")
         self.files, self.rows_per_shard = shard_order(index["files"], order_seed), index["rows_per_shard"]
         self.first_file, self.order_seed = index["files"][0], order_seed  # R was read from the first
         if self.rows_per_shard < 1:
@@ -377,7 +379,28 @@ class HubShards:
     def read_at(self, positions) -> np.ndarray:
         """The rows at scattered positions (the training probe's) without downloading their shards:
         each row's row group alone, by HTTP range requests, so the cache of whole shards stays the
-        training stream's. Offline, from the cached shards."""
+        training stream's. Kept in the cache, where the node's other processes, a resumed run
+        and the suite's other sizes (the same positions) find them; the first process reads them
+        while the others wait on a lock. Offline and not there: from the cached shards."""
+        key = zlib.crc32(np.asarray(positions, dtype=np.int64).tobytes())
+        path = self.own_files / f"{self.sha}-order-{self.order_seed}-rows-{key:08x}.npy"
+        with contextlib.ExitStack() as held:
+            with contextlib.suppress(OSError):  # a read-only cache: every process reads them
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fcntl.flock(held.enter_context(open(path.with_suffix(".lock"), "w")), fcntl.LOCK_EX)
+            with contextlib.suppress(OSError, ValueError):
+                rows = np.load(path)
+                if rows.shape == (len(positions), self.row_len) and rows.max() < self.vocab_size:
+                    return rows  # else read again, and checked
+            rows = self._read_at(positions)
+            with contextlib.suppress(OSError):
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, rows)
+                tmp.replace(path)
+            return rows
+
+    def _read_at(self, positions) -> np.ndarray:
         if constants.is_offline_mode():
             return np.stack([self.read(int(p), 1)[0] for p in positions])
         fs = HfFileSystem(skip_instance_cache=True, block_size=1 << 16)

@@ -134,6 +134,24 @@ def test_probe_rows_are_read_by_range_requests_without_downloading_a_shard(repo,
     assert reads and all(r["range"] for r in reads)
 
 
+def test_probe_rows_are_read_from_the_hub_once_then_from_the_cache_also_offline(repo, hub, tmp_path,
+                                                                                monkeypatch):
+    positions = [2, 21, 50]
+    def shard_requests() -> int:
+        return sum(len(hub.requests_for(shard_name(k, 4))) for k in range(4))
+    first = open_repo().read_at(positions)
+    reads = shard_requests()
+    again = open_repo().read_at(positions)  # another process of the node, or a resumed run
+    assert reads and shard_requests() == reads
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(first, expected_rows(0, 64)[positions])
+    with pytest.raises(data.DataError, match=r"is outside \[0, model.vocab_size=21\)"):
+        data.open_dataset(REPO, ROW_LEN, 21).read_at(positions)  # cached rows are checked, read again
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(data.constants, "HF_HUB_OFFLINE", True)
+    np.testing.assert_array_equal(open_repo().read_at(positions), first)  # no shard is cached
+
+
 def test_a_revision_other_than_main_is_read(hub, tmp_path):
     hub.add_repo(REPO, write_repo(tmp_path / "main"))
     hub.add_repo(REPO, write_repo(tmp_path / "v1", n_shards=2), branch="v1")
