@@ -364,12 +364,15 @@ def train(tmp_path, *overrides):
 def test_training_on_a_hub_dataset_writes_its_run_directory(repo, hub, tmp_path, monkeypatch):
     token = "hf_pico_test_secret_token"
     monkeypatch.setenv("HF_TOKEN", token)
-    result = train(tmp_path)
+    result = train(tmp_path, "--evaluation.probe.rows=6", "--evaluation.probe.memorization_prefix=4",
+                   "--evaluation.probe.memorization_tokens=2")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert (run / "checkpoints" / "latest" / "model.safetensors").is_file()
+    probe = np.load(run / "eval_results" / "step_8_probe.npy")  # its rows: the Hub's at those positions
+    assert probe["position"].tolist() == [5, 16, 26, 37, 48, 58] and (probe["tokens"] == 8).all()
     assert all(shard_downloads(hub, k) for k in range(4))  # 8 steps x 8 rows: all 64 rows
     written = result.stdout + result.stderr + "".join(p.read_text() for p in run.rglob("*.yaml"))
     written += "".join(p.read_text() for p in (run / "logs").iterdir())
