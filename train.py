@@ -549,9 +549,10 @@ class Checkpoints:
         self.memorize = cfg.memorization_tokens and probe is not None
         if self.memorize and cfg.memorization_prefix + cfg.memorization_tokens > config.model.max_seq_len:
             self.memorize = False  # a default a short model cannot run: a reason to say so, not to stop
-            records.log.warning(f"evaluation.probe: memorization of {cfg.memorization_tokens} tokens from "
-                                f"{cfg.memorization_prefix} does not fit in model.max_seq_len="
-                                f"{config.model.max_seq_len}; the probe runs without it")
+            if env.rank == 0:
+                records.log.warning(f"evaluation.probe: memorization of {cfg.memorization_tokens} tokens "
+                                    f"from {cfg.memorization_prefix} does not fit in model.max_seq_len="
+                                    f"{config.model.max_seq_len}; the probe runs without it")
         self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
@@ -602,16 +603,16 @@ class Checkpoints:
         spike, global_batch = spikes.last, self.config.data.dataloader.batch_size
         spike["positions"] = [(done - 1) * global_batch, done * global_batch]  # [first, end) of its batch
         directory = self.dir / "spikes" / f"step_{done}"
-        self.records.log.warning(f"loss spike at step {done}: {spike['loss']:.4f}, over the mean "
-                                 f"{spike['mean']:.4f} of the last {spikes.losses.maxlen} steps by "
-                                 f"{spike['deviations']:.1f} standard deviations; "
-                                 f"its rows and captures in {directory}")
-        self.records.write({"step": done, "loss_spike": spike["loss"]})
         ld = dataclasses.replace(self.config.checkpointing.learning_dynamics, capture_train=True)
         captures = checkpoint.learning_dynamics(self.whole_model(), batch, None, ld, self.env.device,
                                                 self.env.autocast)
-        if self.env.rank == 0:
+        if self.env.rank == 0:  # every rank saw the same spike (the global loss): one says so
             checkpoint.save_spike(directory, spike, captures)
+            self.records.write({"step": done, "loss_spike": spike["loss"]})
+            self.records.log.warning(f"loss spike at step {done}: {spike['loss']:.4f}, over the mean "
+                                     f"{spike['mean']:.4f} of the last {spikes.losses.maxlen} steps by "
+                                     f"{spike['deviations']:.1f} standard deviations; "
+                                     f"its rows and captures in {directory}")
 
     def evaluate_and_upload(self, done: int, whole: PicoDecoder | None = None):
         """What follows a saved checkpoint; each skips what an earlier start already did. Files of
