@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -86,6 +87,14 @@ def gather_rows(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def my_rows(rows):
+    """This rank's block of fixed rows (evaluation, probe, captures: data.rank_slice) and every
+    rank's number of rows, which gather_rows takes to put the results back in data order."""
+    world_size, rank = world()
+    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
+    return rows[blocks[rank]], [b.stop - b.start for b in blocks]
 
 
 def any_rank(flag: bool, group) -> bool:
@@ -336,15 +345,13 @@ def learning_dynamics(model: PicoDecoder, train_batch, val_rows, ld, device, aut
     kind "data" (int64 CPU [rows, max_seq_len + 1], every rank's, in data order); val: on the
     fixed evaluation rows (all of them). ld: the checkpointing.learning_dynamics section."""
     modules = capture_modules(model, ld.layer_suffixes, ld.layers)
-    world_size, rank = world()
+    world_size = world()[0]
     splits = {}  # split: (this rank's rows, every rank's number of rows, tokens of all rows)
     if ld.capture_train:
         mine = list(train_batch.reshape(-1, train_batch.shape[-1]).cpu())
         splits["train"] = (mine, [len(mine)] * world_size, len(mine) * world_size * (len(mine[0]) - 1))
     if val_rows is not None:
-        blocks = [data.rank_slice(len(val_rows), world_size, r) for r in range(world_size)]
-        splits["val"] = (val_rows[blocks[rank]], [b.stop - b.start for b in blocks],
-                         sum(len(row) - 1 for row in val_rows))
+        splits["val"] = (*my_rows(val_rows), sum(len(row) - 1 for row in val_rows))
     captures = {split: _capture(model, rows, counts, total_tokens, modules, ld, device, autocast)
                 for split, (rows, counts, total_tokens) in splits.items()}
     if ld.capture_train:  # written as train_data/, as pico-train saves the batch it captured on
@@ -452,6 +459,13 @@ def save_spike(directory: Path, spike: dict, captures: dict):
 
 
 # Training checkpoints ------------------------------------------------------------------------
+
+def save_array(path: Path, array: np.ndarray):
+    """A NumPy array as an .npy file, replaced whole or not at all (write_atomically)."""
+    content = io.BytesIO()
+    np.save(content, array)
+    write_atomically(path, content.getvalue())
+
 
 def write_atomically(path: Path, content: str | bytes):
     """A small file replaced whole or not at all: a crash leaves the old one or the new one."""

@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import io
 import math
 import os
 import secrets
@@ -636,7 +635,7 @@ class Checkpoints:
                      self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
         per_row = r.pop("rows")
         if self.env.rank == 0:
-            save_array(out.with_name(f"step_{done}_rows.npy"), per_row)
+            checkpoint.save_array(out.with_name(f"step_{done}_rows.npy"), per_row)
             self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
             bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
             self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
@@ -659,7 +658,7 @@ class Checkpoints:
         per_row = np.rec.fromarrays(list(fields.values()), names=list(fields))
         summary = probe_summary(per_row, done)
         if env.rank == 0:
-            save_array(out.with_name(f"step_{done}_probe.npy"), per_row)
+            checkpoint.save_array(out.with_name(f"step_{done}_probe.npy"), per_row)
             groups = [group for group in ("seen", "unseen") if summary[group]["rows"]]
             self.records.write({"step": done, **{f"probe/{name}_{group}": value for group in groups
                                                  for name, value in summary[group].items()
@@ -688,9 +687,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
     sources = getattr(rows, "sources", None)  # data.EvalRows: each row's source (Paloma's corpora)
-    world_size, rank = checkpoint.world()
-    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
-    rows = rows[blocks[rank]]
+    rows, counts = checkpoint.my_rows(rows)
     row_nll = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -707,7 +704,7 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     model.train()
     lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
     mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
-    per_row = checkpoint.gather_rows(mine, [b.stop - b.start for b in blocks]).cpu().numpy()
+    per_row = checkpoint.gather_rows(mine, counts).cpu().numpy()
     totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -750,9 +747,7 @@ def memorization(model: PicoDecoder, rows: list, prefix: int, n_new: int, batch_
     """Pythia's memorization test: each row's greedy continuation (the KV-cache `generate`) of its
     first `prefix` tokens, n_new tokens long, against the row's own next n_new tokens. Returns each
     row's share of matching tokens, in order; the ranks split the rows as in evaluate."""
-    world_size, rank = checkpoint.world()
-    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
-    rows = rows[blocks[rank]]
+    rows, counts = checkpoint.my_rows(rows)
     matches = [torch.zeros(0, device=device)]
     for start in range(0, len(rows), batch_size):
         chunk = torch.as_tensor(np.stack(rows[start:start + batch_size]), device=device)
@@ -760,13 +755,7 @@ def memorization(model: PicoDecoder, rows: list, prefix: int, n_new: int, batch_
             generated = model.generate(chunk[:, :prefix], n_new, temperature=0)[:, prefix:]
         matches.append((generated == chunk[:, prefix:prefix + n_new]).float().mean(dim=1))
     mine = torch.cat(matches)[:, None]
-    return checkpoint.gather_rows(mine, [b.stop - b.start for b in blocks])[:, 0].cpu().numpy()
-
-
-def save_array(path: Path, array: np.ndarray):
-    content = io.BytesIO()
-    np.save(content, array)
-    checkpoint.write_atomically(path, content.getvalue())
+    return checkpoint.gather_rows(mine, counts)[:, 0].cpu().numpy()
 
 
 def perplexity(mean_loss: float) -> float:
