@@ -351,15 +351,7 @@ class HubShards:
             self._prefetch(j)
         shard = ParquetShards([path], self.row_len, self.vocab_size, names=[self.url(self.files[k])],
                               order_seed=self.order_seed)
-        rows, expected = shard.num_rows, self.rows_per_shard
-        if k == len(self.files) - 1 and rows <= expected:
-            self.num_rows = expected * k + rows  # only the last shard may be shorter
-        elif rows != expected:
-            raise DataError(f"{self.url(self.files[k])}: {rows:,} rows, expected {expected:,} as in "
-                            f"{self.first_file}: data from the Hub is read assuming every shard but "
-                            f"the last holds as many rows as the first; download the dataset and "
-                            f"set data.dataset.name to its directory")
-        self._current = (k, shard)
+        self._current = (k, self._counted(k, shard))
         return shard
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -376,27 +368,42 @@ class HubShards:
         return np.concatenate(pieces)
 
 
+    def _counted(self, k: int, shard: ParquetShards) -> ParquetShards:
+        """Shard k, once its row count is checked: positions are found assuming every shard but the
+        last holds as many rows as the first."""
+        rows, expected = shard.num_rows, self.rows_per_shard
+        if k == len(self.files) - 1 and rows <= expected:
+            self.num_rows = expected * k + rows  # only the last shard may be shorter
+        elif rows != expected:
+            raise DataError(f"{self.url(self.files[k])}: {rows:,} rows, expected {expected:,} as in "
+                            f"{self.first_file}: data from the Hub is read assuming every shard but "
+                            f"the last holds as many rows as the first; download the dataset and "
+                            f"set data.dataset.name to its directory")
+        return shard
+
     def read_at(self, positions) -> np.ndarray:
         """The rows at scattered positions (the training probe's) without downloading their shards:
         each row's row group alone, by HTTP range requests, so the cache of whole shards stays the
-        training stream's. Kept in the cache, where the node's other processes, a resumed run
-        and the suite's other sizes (the same positions) find them; the first process reads them
-        while the others wait on a lock. Offline and not there: from the cached shards."""
-        key = zlib.crc32(np.asarray(positions, dtype=np.int64).tobytes())
-        path = self.own_files / f"{self.sha}-order-{self.order_seed}-rows-{key:08x}.npy"
+        training stream's. Kept in the cache with their positions, where the node's other
+        processes, a resumed run and the suite's other sizes (the same positions) find them; the
+        first process reads them while the others wait on a lock. Offline and not there: from the
+        cached shards."""
+        positions = np.asarray(positions, dtype=np.int64)
+        path = self.own_files / f"{self.sha}-order-{self.order_seed}-rows-{zlib.crc32(positions):08x}.npz"
         with contextlib.ExitStack() as held:
             with contextlib.suppress(OSError):  # a read-only cache: every process reads them
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fcntl.flock(held.enter_context(open(path.with_suffix(".lock"), "w")), fcntl.LOCK_EX)
-            with contextlib.suppress(OSError, ValueError):
-                rows = np.load(path)
-                if rows.shape == (len(positions), self.row_len) and rows.max() < self.vocab_size:
+            with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as saved:
+                rows = saved["rows"]
+                if (np.array_equal(saved["positions"], positions) and rows.shape == (len(positions),
+                        self.row_len) and rows.min() >= 0 and rows.max() < self.vocab_size):
                     return rows  # else read again, and checked
             rows = self._read_at(positions)
             with contextlib.suppress(OSError):
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 with open(tmp, "wb") as f:
-                    np.save(f, rows)
+                    np.savez(f, positions=positions, rows=rows)
                 tmp.replace(path)
             return rows
 
@@ -411,8 +418,9 @@ class HubShards:
                 raise DataError(f"row {p} requested, {self.name} has {self.num_rows}")
             if k not in shards:
                 path, name = f"{root}/{self.files[k]}", self.url(self.files[k])
-                shards[k] = self._hub(f"read the footer of {self.files[k]}", lambda: ParquetShards(
+                shard = self._hub(f"read the footer of {self.files[k]}", lambda: ParquetShards(
                     [path], self.row_len, self.vocab_size, [name], self.order_seed, filesystem=fs))
+                shards[k] = self._counted(k, shard)
             rows.append(shards[k].read(row, 1)[0])
         return np.stack(rows)
 

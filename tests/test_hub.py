@@ -147,6 +147,10 @@ def test_probe_rows_are_read_from_the_hub_once_then_from_the_cache_also_offline(
     np.testing.assert_array_equal(first, expected_rows(0, 64)[positions])
     with pytest.raises(data.DataError, match=r"is outside \[0, model.vocab_size=21\)"):
         data.open_dataset(REPO, ROW_LEN, 21).read_at(positions)  # cached rows are checked, read again
+    (cached,) = (tmp_path / "hf-cache").rglob("*-rows-*.npz")
+    np.savez(cached, positions=[2, 21, 49], rows=first)  # other rows under its name: never trusted
+    np.testing.assert_array_equal(open_repo().read_at(positions), first)
+    assert shard_requests() > reads
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(data.constants, "HF_HUB_OFFLINE", True)
     np.testing.assert_array_equal(open_repo().read_at(positions), first)  # no shard is cached
@@ -321,6 +325,8 @@ def test_a_shard_with_another_row_count_is_one_line_naming_it(hub, tmp_path):
     shards = open_repo()
     shards.read(0, ROWS)
     message = one_line_error(lambda: shards.read(ROWS, 4))
+    assert f"hf://datasets/{REPO}/{shard_name(1, 3)}: 15 rows, expected 16" in message
+    message = one_line_error(lambda: open_repo().read_at([ROWS + 3]))  # the probe's range reads too
     assert f"hf://datasets/{REPO}/{shard_name(1, 3)}: 15 rows, expected 16" in message
 
 
