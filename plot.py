@@ -6,7 +6,8 @@ Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and dr
 the run recorded it: the training loss with the evaluation loss and loss spikes, the evaluation
 perplexity (also per source), the learning rate, the gradient norm, the throughput, the training
 probe's loss and memorization (seen and unseen rows), and per layer (monitoring.logging.layer_stats)
-the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an optional extra: pip install matplotlib.
+the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an optional
+extra: pip install matplotlib.
 """
 
 import argparse
