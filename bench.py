@@ -35,8 +35,9 @@ not log run no code of it at all.
 
 The training probe and memorization test at one checkpoint (evaluation.probe's defaults) as a
 share of the 1,000 steps between two checkpoints: of --batch-size rows, and of the suite's 1,024
-(the step's time scaled by rows); and loss-spike detection's cost per step (the loop waiting for
-each step's loss), with and without it in interleaved blocks of steps.
+(the step's time scaled by rows); and loss-spike detection's cost per step (each step's loss
+copied to the host and read during the next step), with and without it in interleaved blocks of
+steps.
 
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
@@ -53,9 +54,10 @@ The trainer's own training step: each size's config file (configs/pico-decoder-S
 micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built
 by train.build and train.parallelize under DDP in a process group of one (as a single-GPU run
 under torchrun --nproc_per_node=1), each step the lines of train.py's loop for a step that neither
-logs nor checkpoints: train.train_step, AdamW, the lr schedule, the loss read for spike
-detection. Random tokens. Rows per micro-step: on CUDA the suite's per GPU (the global batch over
-16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2 rows of 256. Per size: tokens/s
+logs nor checkpoints: train.train_step, the read of the step before's loss for spike
+detection, AdamW, the lr schedule. Random tokens. Rows per micro-step: on CUDA the suite's per
+GPU (the global batch over 16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2
+rows of 256. Per size: tokens/s
 over --rounds consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory
 (CUDA: allocated; CPU: the process's peak resident set, all sizes so far), and one checkpoint's
 evaluation-side work as train.Checkpoints runs it (learning-dynamics captures on the step's batch
@@ -68,6 +70,7 @@ shares add up to more than 100%.
 
 import argparse
 import gc
+import itertools
 import os
 import platform
 import re
@@ -299,8 +302,9 @@ def bench_layer_stats(args, device: torch.device):
 
 def bench_probe(args, device: torch.device):
     """The training probe with memorization at one checkpoint (evaluation.probe's defaults), against
-    the 1,000 training steps between two checkpoints; and loss-spike detection, whose cost is the
-    wait for each step's loss: blocks of steps queued back to back, with and without it, interleaved."""
+    the 1,000 training steps between two checkpoints; and loss-spike detection, whose cost is
+    the read of each step's loss: blocks of steps queued back to back, with and without it,
+    interleaved."""
     (model, optimizer), _ = build(args.model, args.seq_len, device)
     probe = Config().evaluation.probe
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -316,10 +320,14 @@ def bench_probe(args, device: torch.device):
             with autocast:
                 loss = pico_loss(model, tokens)
             loss.backward()
+            if spikes:  # as train.main(): the step before's loss, read once this step's work is queued
+                spikes.read()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if spikes:
-                spikes.is_spike(i, loss.item())
+                spikes.watch(i + 1, loss, tokens)
+        if spikes:
+            spikes.read()
         sync()
         return (time.perf_counter() - start) / n
 
@@ -335,7 +343,8 @@ def bench_probe(args, device: torch.device):
     times = {"plain": [], "spikes": [], "probe": []}
     for r in range(args.rounds):
         for name in (("plain", "spikes") if r % 2 == 0 else ("spikes", "plain")):
-            times[name].append(steps(5, train.LossSpikes(6.0, 128, []) if name == "spikes" else None))
+            spikes = train.LossSpikes(Config().monitoring.loss_spikes, {}) if name == "spikes" else None
+            times[name].append(steps(5, spikes))
         if r < 3:
             times["probe"].append(probe_time())
     plain, spiky, probed = (statistics.median(times[k]) for k in ("plain", "spikes", "probe"))
@@ -546,19 +555,22 @@ def join_group_of_one(env: train.Env):
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
 
 
-def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor):
+def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor,
+              spikes: train.LossSpikes | None, step: int):
     """One pass of train.main()'s loop at a step that neither logs nor checkpoints."""
     model, step_model, wrapper, optimizer, scheduler = built
     accum = config.training.optimization.gradient_accumulation_steps
     batch = rows.to(env.device, non_blocking=True).view(accum, -1, config.model.max_seq_len + 1)
     loss = train.train_step(step_model, wrapper, batch, env.autocast)
+    if spikes:  # on by default: the step before's loss, read while this step's work runs
+        spikes.read()
     train.clip_gradients(model, config.training.optimization.max_grad_norm, False)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if config.monitoring.loss_spikes.std_devs:  # on by default: the loop waits for each step's loss
+    if spikes:
         dist.all_reduce(loss)
-        loss.item()
+        spikes.watch(step + 1, loss, batch)
 
 
 def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: torch.Tensor) -> float:
@@ -601,8 +613,12 @@ def bench_train_size(name: str, args) -> tuple[str, str, train.Env]:
     rows = torch.randint(0, config.model.vocab_size, (config.data.dataloader.batch_size, seq_len + 1))
     rows = rows.pin_memory() if cuda else rows  # as data.BatchStream hands them over
 
+    spike_config = config.monitoring.loss_spikes
+    spikes = train.LossSpikes(spike_config, {}) if spike_config.std_devs else None
+    step = itertools.count()
+
     def run_step():
-        loop_step(config, env, built, rows)
+        loop_step(config, env, built, rows, spikes, next(step))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(untimed_steps(args, env.compile)):
         run_step()

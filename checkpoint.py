@@ -504,12 +504,12 @@ def _dcp(call, optimizer_state: dict, path: Path):
 def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimizer, scheduler,
                     data_position: int, model_state: dict | None = None,
                     learning_dynamics: dict | None = None, tokenizer: dict[str, bytes] | None = None,
-                    loss_window: list[float] | None = None) -> Path:
+                    run_state: dict | None = None) -> Path:
     """Write checkpoints/step_{step} completely, then point `latest` at it. Every rank calls it and
     writes its part of optimizer/ (DDP's replicated tensors once), keyed by parameter name so that
     it loads at another world size or strategy; rank 0 writes the rest. model_state: the whole
     weights (the FSDP gather) if not model.state_dict(); tokenizer: files beside config.json;
-    loss_window: the losses train.LossSpikes compares the next step's with."""
+    run_state: what else a resumed run carries on with (the loss-spike window, the probe's rows)."""
     final, tmp = checkpoints_dir / f"step_{step}", checkpoints_dir / f".step_{step}.tmp"
     writer = world()[1] == 0
     try:
@@ -529,7 +529,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
                    "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             torch.save({"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
-                        "rng": rng, "loss_window": loss_window or []}, tmp / "training_state.pt")
+                        "rng": rng, "run_state": run_state or {}}, tmp / "training_state.pt")
             write_learning_dynamics(tmp / "learning_dynamics", learning_dynamics or {})
             # fsync every file and directory, then write the manifest that makes the checkpoint complete
             entries = sorted(tmp.rglob("*"))
@@ -692,7 +692,7 @@ class Records:
     (mirrored to Weights & Biases with monitoring.save_to_wandb), and the code of each start in
     code/TIME/ (TIME: its log's), so a fork without git history can still be reproduced. Other
     ranks log trouble only. A resumed run replays the steps after its checkpoint: their old
-    records are dropped first."""
+    records, and their loss spikes' captures, are dropped first."""
 
     def __init__(self, run_dir: Path, config, start_step: int):
         self.metrics, self.wandb = (run_dir / "metrics.jsonl" if world()[1] == 0 else None), None
@@ -706,6 +706,9 @@ class Records:
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
             kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= start_step]
             write_atomically(self.metrics, "".join(line + "\n" for line in kept))
+        for spike in (run_dir / "spikes").glob("step_*"):
+            if int(spike.name[len("step_"):]) > start_step:
+                shutil.rmtree(spike)
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         self.log = run_log(run_dir, config.monitoring.logging.log_level, stamp)
         root = Path(__file__).resolve().parent
@@ -798,7 +801,8 @@ def lock_run_directory(run_dir: Path, start_over: bool):
     if start_over:
         aside = run_dir / f"previous_{datetime.datetime.now():%Y%m%d_%H%M%S}"
         aside.mkdir()
-        for name in ("checkpoints", "eval_results", "logs", "metrics.jsonl", UPLOADS, "training_config.yaml"):
+        for name in ("checkpoints", "eval_results", "spikes", "logs", "metrics.jsonl", UPLOADS,
+                     "training_config.yaml"):
             if (run_dir / name).exists():
                 os.replace(run_dir / name, aside / name)
     return lock

@@ -165,9 +165,11 @@ class LoggingConfig:
 @dataclass(slots=True)
 class LossSpikeConfig:
     # A step whose loss exceeds the mean of the `window` losses before it by more than std_devs
-    # standard deviations (OLMo-core's rule: 6 over 128) is logged and captured in spikes/. None: off
+    # standard deviations (OLMo-core's rule: 6 over 128) is logged, and the first of a run of such
+    # steps is captured in spikes/, up to max_captures times in the whole run. None: off
     std_devs: PositiveFloat | None = 6.0
     window: Positive = 128
+    max_captures: NonNegative = 16
 
 
 @dataclass(slots=True)
@@ -372,6 +374,8 @@ def validate(config: Config, world_size: int):
         ("checkpointing.run_name", name, name is None or (0 < len(name.encode()) <= 200 and name not in (
             ".", "..") and not set(name) & set("/\\\0")), "a name in runs_dir (no '/', not '..', 1-200 B)"),
         ("training.seed", training.seed, training.seed < 2 ** 63, "a seed below 2**63"),
+        ("monitoring.loss_spikes.window", config.monitoring.loss_spikes.window,
+         config.monitoring.loss_spikes.window >= 2, "at least 2 losses, for a standard deviation"),
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),

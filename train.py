@@ -66,13 +66,12 @@ def main(argv: list[str]) -> int:
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
     records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
     progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
-    spikes = config.monitoring.loss_spikes
-    spikes = LossSpikes(spikes.std_devs, spikes.window, run.loss_window) if spikes.std_devs else None
-    saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, probe, spikes,
+    stop, finite = StopSignals(), FiniteCheck(env.device, flags)
+    saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, probe, finite,
                         records)
+    spikes = saver.spikes
     if env.rank == 0:
         log_plan(records.log, config, run, model, progress.checkpoints, ld_rows, saver.tokenizer)
-    stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     layer_stats = LayerStats(model) if config.monitoring.logging.layer_stats else None
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
@@ -92,6 +91,9 @@ def main(argv: list[str]) -> int:
                     saver.save(0, batch)  # the initialisation, captured on the first batch
 
             loss = train_step(step_model, wrapper, batch, env.autocast)
+            if spikes and spikes.read():  # the step before's loss, read while this step's work runs
+                with progress.paused():
+                    saver.record_spike()
             logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
             before = layer_stats.before() if logging_step and layer_stats else None  # log steps only
             grad_norm = clip_gradients(model, config.training.optimization.max_grad_norm, logging_step)
@@ -105,9 +107,8 @@ def main(argv: list[str]) -> int:
             if dist.is_initialized() and (logging_step or spikes):  # the mean over the global batch
                 dist.all_reduce(loss)
                 loss /= env.world_size
-            if spikes and spikes.is_spike(done, loss.item()):  # the loop's one wait for each step
-                with progress.paused():
-                    saver.capture_spike(done, batch, spikes)
+            if spikes:
+                spikes.watch(done, loss, batch)
             if logging_step:
                 finite.check()
                 progress.log(done, loss, lr, grad_norm, layer_stats.after(before) if layer_stats else {})
@@ -115,7 +116,6 @@ def main(argv: list[str]) -> int:
             # cluster's notice may reach the ranks at different steps; they agree here).
             stopping = checkpoint.any_rank(stop.received is not None, flags)
             if is_checkpoint_step(done, config) or stopping:
-                finite.check()  # never a checkpoint of weights a non-finite step made
                 with progress.paused():
                     saver.save(done, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
@@ -236,7 +236,7 @@ class Run:
     weights: dict | None = None  # the checkpoint's, or checkpointing.training.init_from's
     start_over: bool = False  # move the directory's checkpoints and records aside first
     lock: object = None  # rank 0's hold on the directory (checkpoint.lock_run_directory)
-    loss_window: list = dataclasses.field(default_factory=list)  # LossSpikes' state at the checkpoint
+    carried: dict = dataclasses.field(default_factory=dict)  # its Checkpoints.run_state
 
 
 def open_run(config: Config, env: Env) -> Run:
@@ -261,7 +261,7 @@ def open_run(config: Config, env: Env) -> Run:
         check_resume_compatible(config, run.dir / "training_config.yaml")
         run.state = checkpoint.read_checkpoint(latest, config.model)
         run.resumed_from, run.start_step, run.weights = latest, run.state["step"], run.state.pop("model")
-        run.loss_window = run.state.get("loss_window", [])
+        run.carried = run.state.get("run_state", {})
     elif ckpt.training.init_from is not None:
         source = ckpt.training.init_from
         try:
@@ -540,10 +540,12 @@ class Checkpoints:
     rank takes part; rank 0 writes. Under FSDP the three share one gather of the whole model."""
 
     def __init__(self, config: Config, env: Env, run: Run, model, optimizer, scheduler, eval_rows,
-                 ld_rows, probe: Probe | None, spikes, records: checkpoint.Records):
+                 ld_rows, probe: Probe | None, finite: "FiniteCheck", records: checkpoint.Records):
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.eval_rows, self.ld_rows, self.probe, self.spikes = eval_rows, ld_rows, probe, spikes
+        self.eval_rows, self.ld_rows, self.probe, self.finite = eval_rows, ld_rows, probe, finite
+        spikes = config.monitoring.loss_spikes
+        self.spikes = LossSpikes(spikes, run.carried.get("loss_spikes", {})) if spikes.std_devs else None
         cfg = config.evaluation.probe
         self.memorize = cfg.memorization_tokens and probe is not None
         if self.memorize and cfg.memorization_prefix + cfg.memorization_tokens > config.model.max_seq_len:
@@ -579,8 +581,11 @@ class Checkpoints:
     def save(self, done: int, train_batch: torch.Tensor, evaluate: bool = True):
         """Checkpoint `done` (optimizer steps completed), captured on the batch its last step
         trained on; then, unless the run is stopping, its evaluation and upload."""
+        if self.spikes and self.spikes.read():  # the window saved is the one after step `done`
+            self.record_spike()
         if done == self.last_saved:
             return
+        self.finite.check()  # never a checkpoint of weights a non-finite step made
         self.last_saved, whole, ckpt = done, self.whole_model(), self.config.checkpointing
         captures = checkpoint.learning_dynamics(whole, train_batch, self.ld_rows, ckpt.learning_dynamics,
                                                 self.env.device, self.env.autocast)
@@ -588,30 +593,42 @@ class Checkpoints:
                                           self.scheduler, done * self.config.data.dataloader.batch_size,
                                           model_state=whole.state_dict(), learning_dynamics=captures,
                                           tokenizer=self.tokenizer,
-                                          loss_window=list(self.spikes.losses) if self.spikes else None)
+                                          run_state=self.run_state())
         if ckpt.keep_last_n_optimizer_states is not None and self.env.rank == 0:
             checkpoint.drop_old_optimizer_states(self.dir / "checkpoints", ckpt.keep_last_n_optimizer_states)
         self.records.log.info(f"saved {path}")
         if evaluate:
             self.evaluate_and_upload(done, whole)
 
-    def capture_spike(self, done: int, batch: torch.Tensor, spikes: "LossSpikes"):
-        """spikes/step_N/: the spike (its loss, the window's mean and deviation, the global rows of
-        its batch) and the learning-dynamics captures of its batch, as in a checkpoint: with the
-        weights after step N, on the batch step N trained on."""
-        spike, global_batch = spikes.last, self.config.data.dataloader.batch_size
+    def run_state(self) -> dict:
+        """What a run resumed from this checkpoint carries on with, in training_state.pt."""
+        return {"loss_spikes": self.spikes.state()} if self.spikes else {}
+
+    def record_spike(self):
+        """A spike (LossSpikes.spike) in metrics.jsonl; the first of a run also in spikes/step_N/:
+        the spike (its loss, the window's mean and deviation, the global rows of its batch) and
+        the learning-dynamics captures of its batch, as in a checkpoint: with the weights after
+        step N (read during step N + 1, before its optimizer step), on the batch step N trained on."""
+        spikes, global_batch = self.spikes, self.config.data.dataloader.batch_size
+        spike, done = spikes.spike, spikes.spike["step"]
         spike["positions"] = [(done - 1) * global_batch, done * global_batch]  # [first, end) of its batch
         directory = self.dir / "spikes" / f"step_{done}"
-        ld = dataclasses.replace(self.config.checkpointing.learning_dynamics, capture_train=True)
-        captures = checkpoint.learning_dynamics(self.whole_model(), batch, None, ld, self.env.device,
-                                                self.env.autocast)
-        if self.env.rank == 0:  # every rank saw the same spike (the global loss): one says so
+        if spikes.capture:
+            self.finite.check()  # never a capture of weights a non-finite step made
+            ld = dataclasses.replace(self.config.checkpointing.learning_dynamics, capture_train=True)
+            captures = checkpoint.learning_dynamics(self.whole_model(), spikes.batch, None, ld,
+                                                    self.env.device, self.env.autocast)
+        if self.env.rank != 0:  # every rank saw the same spike (the global loss): one says so
+            return
+        self.records.write({"step": done, "loss_spike": spike["loss"]})
+        if spikes.capture:
             checkpoint.save_spike(directory, spike, captures)
-            self.records.write({"step": done, "loss_spike": spike["loss"]})
+        if spikes.first:  # one line for a run of spikes
+            where = (f"its rows and captures in {directory}" if spikes.capture else f"not captured: "
+                     f"the run took its monitoring.loss_spikes.max_captures={spikes.max_captures}")
             self.records.log.warning(f"loss spike at step {done}: {spike['loss']:.4f}, over the mean "
                                      f"{spike['mean']:.4f} of the last {spikes.losses.maxlen} steps by "
-                                     f"{spike['deviations']:.1f} standard deviations; "
-                                     f"its rows and captures in {directory}")
+                                     f"{spike['deviations']:.1f} standard deviations; {where}")
 
     def evaluate_and_upload(self, done: int, whole: PicoDecoder | None = None):
         """What follows a saved checkpoint; each skips what an earlier start already did. Files of
@@ -801,27 +818,63 @@ def in_bytes(n: float) -> str:
 
 class LossSpikes:
     """A step whose loss exceeds the mean of the `window` losses before it by more than std_devs
-    standard deviations (OLMo-core's rule) is a spike, for Checkpoints.capture_spike. A spike stays
-    out of the window, so that it does not hide the next; the window is saved with each checkpoint,
-    so a resumed run finds the same spikes. Reading each step's loss is the loop's one wait for
-    the device on steps that do not log."""
+    standard deviations (OLMo-core's rule) is a spike. Spikes stay out of the window, so one does
+    not hide the next; a run of them as long as the window is the loss's new level, and becomes the
+    window. The first spike of each run is captured (Checkpoints.capture_spike), up to max_captures.
+    Each step's loss is copied to the host without waiting and read during the next step, so
+    the device never idles for it. The state is saved with each checkpoint: a resumed run finds
+    the same spikes."""
 
-    def __init__(self, std_devs: float, window: int, losses: list[float]):
-        self.std_devs, self.losses = std_devs, collections.deque(losses, maxlen=window)
-        self.last = None  # the latest spike
+    def __init__(self, config, state: dict):
+        self.std_devs, self.max_captures = config.std_devs, config.max_captures
+        self.losses = collections.deque(state.get("window", []), maxlen=config.window)
+        self.spiking = list(state.get("spiking", []))  # the losses of the run of spikes going on
+        self.captured = state.get("captured", 0)
+        self.pending = None  # (step, its loss on the way to the host, its batch, an event when there)
+        # the latest spike: spike.json's record, its batch, whether it began a run and is captured
+        self.spike, self.batch, self.first, self.capture = None, None, False, False
 
-    def is_spike(self, step: int, loss: float) -> bool:
+    def state(self) -> dict:
+        return {"window": list(self.losses), "spiking": self.spiking, "captured": self.captured}
+
+    def watch(self, step: int, loss: torch.Tensor, batch: torch.Tensor):
+        """Step `step`'s global loss, trained on `batch`: its copy to the host starts now."""
+        copied = None
+        if loss.is_cuda:
+            loss, copied = loss.to("cpu", non_blocking=True), torch.cuda.Event()  # into pinned memory
+            copied.record()
+        self.pending = step, loss, batch, copied
+
+    def read(self) -> bool:
+        """Whether the step watched last was a spike (then in self.spike)."""
+        if self.pending is None:
+            return False
+        step, loss, batch, copied = self.pending
+        self.pending = None
+        if copied is not None:
+            copied.synchronize()  # long done: the step after it is queued by now
+        loss = loss.item()
         if not math.isfinite(loss):
             return False  # FiniteCheck's to report
-        if len(self.losses) == self.losses.maxlen:
-            window = np.array(self.losses)  # numpy's std: a fifth of the statistics module's time
-            mean, std = float(window.mean()), float(window.std())
-            if loss > mean + self.std_devs * std:
-                self.last = {"step": step, "loss": loss, "mean": mean, "std": std,
-                             "deviations": (loss - mean) / std if std else math.inf}
-                return True
-        self.losses.append(loss)
-        return False
+        if len(self.losses) < self.losses.maxlen:
+            self.losses.append(loss)
+            return False
+        window = np.array(self.losses)  # numpy's std: a fifth of the statistics module's time
+        mean, std = float(window.mean()), float(window.std())
+        if loss <= mean + self.std_devs * std:
+            self.losses.append(loss)
+            self.spiking.clear()
+            return False
+        self.spiking.append(loss)
+        self.first, self.batch = len(self.spiking) == 1, batch
+        self.capture = self.first and self.captured < self.max_captures
+        self.captured += self.capture
+        self.spike = {"step": step, "loss": loss, "mean": mean, "std": std,
+                      "deviations": (loss - mean) / std if std else math.inf}
+        if len(self.spiking) == self.losses.maxlen:
+            self.losses.extend(self.spiking)
+            self.spiking.clear()
+        return True
 
 
 class StopSignals:

@@ -2,6 +2,7 @@
 learns its own training rows."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import train
+from config import LossSpikeConfig
 from model import PicoDecoder
 from test_train import ROOT, final_weights, losses, run
 
@@ -112,39 +114,87 @@ def test_memorization_longer_than_the_context_is_left_out_with_a_warning(tiny):
     assert probe.dtype.names == ("position", "seen_at", "loss", "tokens")
 
 
+def spike_steps(spikes: train.LossSpikes, losses: list[float], first_step: int = 1) -> list[tuple]:
+    """(step, captured) of each spike among the losses of steps first_step, first_step + 1, ..."""
+    found = []
+    for step, loss in enumerate(losses, first_step):
+        spikes.watch(step, torch.tensor(loss, dtype=torch.float64), batch=None)
+        if spikes.read():
+            found.append((step, spikes.capture))
+    return found
+
+
 def test_loss_spikes_window_leaves_spikes_and_non_finite_losses_out():
-    spikes = train.LossSpikes(std_devs=3.0, window=4, losses=[])
-    assert not any(spikes.is_spike(step, loss) for step, loss in enumerate([2.0, 2.1, 1.9, 2.0], 1))
-    assert spikes.is_spike(5, 9.0) and spikes.last["step"] == 5 and spikes.last["loss"] == 9.0
-    assert spikes.is_spike(6, 9.0)  # the first spike did not enter the window
-    assert not spikes.is_spike(7, float("nan")) and not spikes.is_spike(8, 2.05)
+    spikes = train.LossSpikes(LossSpikeConfig(std_devs=3.0, window=4), state={})
+    assert spike_steps(spikes, [2.0, 2.1, 1.9, 2.0, 9.0, 9.0, float("nan"), 2.05]) == [(5, True), (6, False)]
+    assert spikes.spike["step"] == 6 and spikes.spike["loss"] == 9.0  # still over the window before 5
     assert list(spikes.losses) == [2.1, 1.9, 2.0, 2.05]
 
 
-def test_a_loss_spike_is_logged_and_its_batch_recorded_and_captured_as_a_checkpoint_would(tiny, tmp_path):
+def test_a_run_of_spikes_is_captured_once_and_max_captures_in_all():
+    spikes = train.LossSpikes(LossSpikeConfig(std_devs=3.0, window=4, max_captures=2), state={})
+    normal = [2.0, 2.1, 1.9, 2.0]
+    found = spike_steps(spikes, normal + [9.0] * 3 + [2.0, 9.0, 2.0, 9.0, 9.0])
+    assert found == [(5, True), (6, False), (7, False), (9, True), (11, False), (12, False)]
+    assert spikes.captured == 2
+    # the state a checkpoint saves: a resumed run goes on in the same run of spikes, with the same count
+    resumed = train.LossSpikes(LossSpikeConfig(std_devs=3.0, window=4, max_captures=3), spikes.state())
+    assert spike_steps(resumed, [9.0, 2.0, 9.0], 13) == [(13, False), (15, True)]
+
+
+def test_a_run_of_spikes_as_long_as_the_window_is_the_losss_new_level():
+    spikes = train.LossSpikes(LossSpikeConfig(std_devs=3.0, window=4), state={})
+    assert spike_steps(spikes, [2.0, 2.1, 1.9, 2.0] + [5.0, 5.2, 4.8, 5.0] + [5.1, 9.0]) == [
+        (5, True), (6, False), (7, False), (8, False), (10, True)]
+    assert list(spikes.losses) == [5.2, 4.8, 5.0, 5.1]
+
+
+def test_a_loss_spike_is_logged_and_its_batch_recorded_and_captured_as_a_checkpoint_would(tiny):
     config, runs = tiny
-    spikes = ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
+    run_dir, spikes = runs / "run", ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
     run(config, "--training.max_steps=8", *spikes)
-    assert not (runs / "run" / "spikes").exists()
-    # Resumed with a thousandfold lr, the loss leaps at step 11. The window of the 4 losses before
-    # comes from checkpoint 8, so the resumed run can tell at once.
+    assert not (run_dir / "spikes").exists()
+    # Resumed with a thousandfold lr, the loss leaps at step 11 and stays up. The window of the 4
+    # losses before comes from checkpoint 8, so the resumed run can tell at once.
     result = run(config, "--training.max_steps=12", "--training.optimization.lr=3.0",
-                 "--checkpointing.save_every_n_steps=2", *spikes)
-    assert "loss spike at step 11" in result.stdout
-    assert sorted(p.name for p in (runs / "run" / "spikes").iterdir()) == ["step_11", "step_12"]
-    spike = json.loads((runs / "run" / "spikes" / "step_11" / "spike.json").read_text())
+                 "--checkpointing.save_every_n_steps=1", *spikes)
+    assert result.stdout.count("loss spike at step") == 1 and "loss spike at step 11" in result.stdout
+    assert sorted(records(run_dir, "loss_spike")) == [11, 12]  # each logged, the first of a run captured
+    assert [p.name for p in (run_dir / "spikes").iterdir()] == ["step_11"]
+    spike = json.loads((run_dir / "spikes" / "step_11" / "spike.json").read_text())
     assert spike["step"] == 11 and spike["positions"] == [80, 88]  # the rows of `data.py batch --step 10`
-    assert spike["loss"] == losses(runs / "run")[11] > spike["mean"] + 3 * spike["std"]
-    assert records(runs / "run", "loss_spike")[11]["loss_spike"] == spike["loss"]
-    # with the weights after step 12 on the batch step 12 trained on: checkpoint 12's own captures
-    spike_dir = runs / "run" / "spikes" / "step_12"
-    ckpt = runs / "run" / "checkpoints" / "step_12" / "learning_dynamics"
+    assert spike["loss"] == losses(run_dir)[11] > spike["mean"] + 3 * spike["std"]
+    assert records(run_dir, "loss_spike")[11]["loss_spike"] == spike["loss"]
+    # with the weights after step 11 on the batch step 11 trained on: checkpoint 11's own captures
+    spike_dir = run_dir / "spikes" / "step_11"
+    ckpt = run_dir / "checkpoints" / "step_11" / "learning_dynamics"
     for kind in ("activations", "weights", "gradients"):
         captured, saved = (torch.load(d / f"train_{kind}.pt", weights_only=True)
                            for d in (spike_dir / "learning_dynamics", ckpt))
         assert captured.keys() == saved.keys() and all(torch.equal(captured[k], saved[k]) for k in saved)
     arrow = "train_data/data-00000-of-00001.arrow"
     assert (spike_dir / "learning_dynamics" / arrow).read_bytes() == (ckpt / arrow).read_bytes()
+
+
+def test_a_resumed_run_drops_the_spikes_it_replays_and_start_over_moves_them_aside(tiny):
+    config, runs = tiny
+    run_dir, spikes = runs / "run", ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
+
+    def back_to_checkpoint_8():  # as if the run had stopped there
+        shutil.rmtree(run_dir / "checkpoints" / "step_12")
+        (run_dir / "checkpoints" / "latest").unlink()
+
+    run(config, "--training.max_steps=8", *spikes)
+    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *spikes)
+    assert [p.name for p in (run_dir / "spikes").iterdir()] == ["step_11"]
+    back_to_checkpoint_8()
+    run(config, "--training.max_steps=12", "--monitoring.loss_spikes.std_devs=None")  # looking for none
+    assert not list((run_dir / "spikes").iterdir()) and not records(run_dir, "loss_spike")
+    back_to_checkpoint_8()
+    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *spikes)
+    run(config, "--training.max_steps=2", "--checkpointing.training.start_over=True", *spikes)
+    (previous,) = run_dir.glob("previous_*")
+    assert not (run_dir / "spikes").exists() and (previous / "spikes" / "step_11" / "spike.json").exists()
 
 
 def test_probe_memorization_spikes_and_layer_statistics_leave_the_run_bit_identical(tiny):

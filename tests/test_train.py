@@ -205,6 +205,7 @@ def test_resume_with_another_model_shape_is_refused(tiny):
     (["--training.max_steps=100000"], "training.max_steps=100000"),
     (["--training.optimization.lr_scheduler=exponential"], "lr_scheduler"),
     (["training.max_steps=5"], "training.max_steps=5"),
+    (["--monitoring.loss_spikes.window=1"], "monitoring.loss_spikes.window=1"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(tiny, overrides, culprit):
     config, runs = tiny
