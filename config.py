@@ -138,7 +138,8 @@ class PalomaEvaluationConfig:
 @dataclass(slots=True)
 class ProbeEvaluationConfig:
     # Training rows spread evenly over the run (data.probe_positions), each one's loss recorded at
-    # every checkpoint: before, at and after the step that trains on it. At most all the run's; 0: none
+    # every checkpoint: before, at and after the step that trains on it. At most all the run's; 0: none.
+    # A run resumed with another training.max_steps but as many rows keeps the rows it had
     rows: NonNegative = 256
     # Pythia's memorization test on them: greedy decoding of memorization_tokens tokens from each
     # row's first memorization_prefix tokens, compared with the row's own. 0 tokens: no test; a

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     max_steps, seq_len = config.training.max_steps, config.model.max_seq_len
     if run.start_step >= max_steps:
         return already_done(config, run, env)
-    shards, eval_rows, ld_rows, probe = open_data(config, env)
+    shards, eval_rows, ld_rows, probe = open_data(config, env, run)
 
     # Several processes: join the others. Every rank has read and checked the same config, data
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
@@ -287,7 +287,7 @@ def already_done(config: Config, run: Run, env: Env) -> int:
     return 0
 
 
-def open_data(config: Config, env: Env) -> tuple:
+def open_data(config: Config, env: Env, run: Run) -> tuple:
     seq_len, vocab, seed = config.model.max_seq_len, config.model.vocab_size, config.data.seed
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, vocab, seed,
                                config.data.dataset.max_cached_shards, shared=env.world_size > 1,
@@ -320,7 +320,9 @@ def open_data(config: Config, env: Env) -> tuple:
     probe = None
     if config.evaluation.probe.rows:
         n = min(config.evaluation.probe.rows, max_steps * global_batch)
-        positions = data.probe_positions(n, max_steps * global_batch)
+        positions = np.array(run.carried.get("probe_positions", []), dtype=np.int64)
+        if len(positions) != n:  # unless resumed with as many: then the same rows, whatever max_steps
+            positions = data.probe_positions(n, max_steps * global_batch)
         probe = Probe(positions, positions // global_batch + 1, list(shards.read_at(positions)))
     return shards, eval_rows, ld_rows, probe
 
@@ -602,7 +604,10 @@ class Checkpoints:
 
     def run_state(self) -> dict:
         """What a run resumed from this checkpoint carries on with, in training_state.pt."""
-        return {"loss_spikes": self.spikes.state()} if self.spikes else {}
+        state = {"loss_spikes": self.spikes.state()} if self.spikes else {}
+        if self.probe is not None:  # its rows stay the same when training.max_steps changes
+            state["probe_positions"] = self.probe.positions.tolist()
+        return state
 
     def record_spike(self):
         """A spike (LossSpikes.spike) in metrics.jsonl; the first of a run also in spikes/step_N/:

@@ -124,6 +124,17 @@ def spike_steps(spikes: train.LossSpikes, losses: list[float], first_step: int =
     return found
 
 
+def test_a_run_resumed_with_more_steps_keeps_its_probe_rows_and_one_with_more_rows_gets_them(probed):
+    config, run_dir = probed
+    run(config, "--training.max_steps=12", *PROBE)
+    positions = {step: np.load(run_dir / "eval_results" / f"step_{step}_probe.npy")["position"].tolist()
+                 for step in (8, 12)}
+    assert positions[12] == positions[8] == [(2 * i + 1) * 64 // 40 for i in range(20)]
+    run(config, "--training.max_steps=16", *PROBE, "--evaluation.probe.rows=24")
+    probe = np.load(run_dir / "eval_results" / "step_16_probe.npy")
+    assert probe["position"].tolist() == [(2 * i + 1) * 128 // 48 for i in range(24)]
+
+
 def test_loss_spikes_window_leaves_spikes_and_non_finite_losses_out():
     spikes = train.LossSpikes(LossSpikeConfig(std_devs=3.0, window=4), state={})
     assert spike_steps(spikes, [2.0, 2.1, 1.9, 2.0, 9.0, 9.0, float("nan"), 2.05]) == [(5, True), (6, False)]
