@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     env = setup(config)
     run = open_run(config, env)  # what the run starts from, read whole: nothing is written yet
     max_steps, seq_len = config.training.max_steps, config.model.max_seq_len
-    if run.start_step >= max_steps:
+    if run.start_step > max_steps or run.start_step == max_steps and evaluated(config, run):
         return already_done(config, run, env)
     shards, eval_rows, ld_rows, probe = open_data(config, env, run)
 
@@ -274,6 +274,13 @@ def open_run(config: Config, env: Env) -> Run:
             raise ConfigError(f"checkpointing.training.init_from={source!r}: its shape differs from the "
                               f"config on {'; '.join(differ)}; set those model.* keys to the checkpoint's")
     return run
+
+
+def evaluated(config: Config, run: Run) -> bool:
+    """Whether the checkpoint resumed from has its evaluation (or needs none): a run stopped while
+    evaluating its last checkpoint does so when started again."""
+    wanted = "paloma" in (config.evaluation.metrics or []) or config.evaluation.probe.rows
+    return not wanted or (run.dir / "eval_results" / f"step_{run.start_step}.json").exists()
 
 
 def already_done(config: Config, run: Run, env: Env) -> int:

@@ -110,6 +110,19 @@ def test_rerunning_a_finished_run_does_nothing(tiny):
     assert (runs / "run" / "metrics.jsonl").read_text() == before
 
 
+def test_a_finished_run_that_stopped_while_evaluating_its_last_checkpoint_evaluates_it(tiny):
+    config, runs = tiny
+    probe = "--evaluation.probe.rows=8"  # an evaluation of each checkpoint
+    run(config, probe)
+    results = runs / "run" / "eval_results" / "step_12.json"
+    evaluation = results.read_text()
+    results.unlink()  # as if killed while evaluating it
+    result = run(config, probe)
+    assert "nothing to do" not in result.stdout and "done: 12 steps" in result.stdout
+    assert results.read_text() == evaluation
+    assert "nothing to do" in run(config, probe).stdout
+
+
 def test_resume_after_sigterm_is_the_same_run(tiny, tmp_path):
     config, runs = tiny
     longer = ["--training.max_steps=60", "--data.dataloader.batch_size=32"]
