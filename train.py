@@ -832,7 +832,7 @@ class LossSpikes:
     """A step whose loss exceeds the mean of the `window` losses before it by more than std_devs
     standard deviations (OLMo-core's rule) is a spike. Spikes stay out of the window, so one does
     not hide the next; a run of them as long as the window is the loss's new level, and becomes the
-    window. The first spike of each run is captured (Checkpoints.capture_spike), up to max_captures.
+    window. The first spike of each run is captured (Checkpoints.record_spike), up to max_captures.
     Each step's loss is copied to the host without waiting and read during the next step, so
     the device never idles for it. The state is saved with each checkpoint: a resumed run finds
     the same spikes."""
