@@ -49,26 +49,29 @@ models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks an
 Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
 
     python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16] [--seq-len 2048]
+                            [--attention default flash cudnn efficient math]
 
 The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
-micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built
-by train.build and train.parallelize under DDP in a process group of one (as a single-GPU run
-under torchrun --nproc_per_node=1), each step the lines of train.py's loop for a step that neither
-logs nor checkpoints: train.train_step, the read of the step before's loss for spike
-detection, AdamW, the lr schedule. Random tokens. Rows per micro-step: on CUDA the suite's per
-GPU (the global batch over 16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2
-rows of 256. Per size: tokens/s
-over --rounds consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory
-(CUDA: allocated; CPU: the process's peak resident set, all sizes so far), and one checkpoint's
-evaluation-side work as train.Checkpoints runs it (learning-dynamics captures on the step's batch
-and 64 random evaluation rows, train.evaluate on those rows) as a share of 1,000 steps. Then a
-profiled window of steps by kind of work (KERNEL_CLASSES): device kernels on CUDA, with idle =
-wall time when no kernel runs; on CPU the ops' own (self) CPU time, with idle = time in no op.
-Kernels that run at once on two streams (DDP's all-reduce beside the backward) can make the
-shares add up to more than 100%.
+micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built by
+train.build and train.parallelize under DDP in a process group of one (as a single-GPU run under
+torchrun --nproc_per_node=1), each step the lines of train.py's loop for a step that neither logs
+nor checkpoints: train.train_step, the read of the step before's loss for spike detection, AdamW,
+the lr schedule. Random tokens. Rows per micro-step: on CUDA the suite's per GPU (the global batch
+over 16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2 rows of 256. Each size
+once per --attention backend (torch.nn.attention.sdpa_kernel held around its every step,
+compilation included; a backend that cannot run the shape is a row that says why), so that the
+backends compare in one run. Per size: tokens/s over --rounds consecutive steps after --warmup
+untimed, MFU as train.py logs it, peak memory (CUDA: allocated; CPU: the process's peak resident
+set, all sizes so far), and one checkpoint's evaluation-side work as train.Checkpoints runs it
+(learning-dynamics captures on the step's batch and 64 random evaluation rows, train.evaluate on
+those rows) as a share of 1,000 steps. Then a profiled window of steps by kind of work
+(KERNEL_CLASSES): device kernels on CUDA, with idle = wall time when no kernel runs; on CPU the
+ops' own (self) CPU time, with idle = time in no op. Kernels that run at once on two streams
+(DDP's all-reduce beside the backward) can make the shares add up to more than 100%.
 """
 
 import argparse
+import contextlib
 import gc
 import itertools
 import os
@@ -88,6 +91,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from huggingface_hub import constants
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
 import data
@@ -473,6 +477,9 @@ CLASS_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in 
 SUITE_GPUS = 16
 EVAL_ROWS = 64  # --train: evaluation rows captured and evaluated at a checkpoint
 PROFILE_STEPS = 3  # --train: steps in the profiled window
+# --train --attention: scaled_dot_product_attention held to one backend; "default": PyTorch's choice
+SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def kernel_class(name: str) -> str:
@@ -597,8 +604,20 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
     return once()
 
 
-def bench_train_size(name: str, args) -> tuple[str, str, train.Env]:
-    """One size's row of each --train table, and its Env."""
+def bench_train_size(name: str, args, attention: str = "default") -> tuple[str, str, train.Env]:
+    """One size's row of each --train table, and its Env; attention: an SDPA backend (SDPA_BACKENDS)
+    that every step is held to, compilation included, or PyTorch's own choice."""
+    label = name if attention == "default" else f"{name} ({attention})"
+    with sdpa_kernel(SDPA_BACKENDS[attention]) if attention != "default" else contextlib.nullcontext():
+        try:
+            return measure_train_step(name, label, args)
+        except RuntimeError as e:  # e.g. "No available kernel": the backend cannot run this shape
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            cells = [label, f"not run: {why[:100]}"]
+            return "| " + " | ".join(cells + [""] * 6) + " |", "| " + label + " |", None
+
+
+def measure_train_step(name: str, label: str, args) -> tuple[str, str, train.Env]:
     cuda = torch.cuda.is_available()
     config = suite_config(name, args, cuda)
     env = train.setup(config)
@@ -638,26 +657,29 @@ def bench_train_size(name: str, args) -> tuple[str, str, train.Env]:
     shares = profile_window(run_step, PROFILE_STEPS, env.device)
     work_s = checkpoint_work(config, env, model, rows)
     micro_batch = config.data.dataloader.batch_size // accum
-    row = [name, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
+    row = [label, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
            memory, f"{work_s:,.2f} s", f"{work_s / (1000 * step_s):.2%}"]
     kinds = [*KERNEL_CLASSES, "other", "idle"]
-    breakdown = [name] + ([f"{shares[kind]:.1%}" for kind in kinds] if shares else ["n/a"] * len(kinds))
+    breakdown = [label] + ([f"{shares[kind]:.1%}" for kind in kinds] if shares else ["n/a"] * len(kinds))
     return "| " + " | ".join(row) + " |", "| " + " | ".join(breakdown) + " |", env
 
 
 def bench_train(args):
     sizes = list(SUITE) if args.all_sizes else args.model
-    rows, breakdowns = [], []
-    for name in sizes:
-        row, breakdown, env = bench_train_size(name, args)
+    rows, breakdowns, env = [], [], None
+    for name, attention in itertools.product(sizes, args.attention):
+        row, breakdown, measured = bench_train_size(name, args, attention)
         rows.append(row)
         breakdowns.append(breakdown)
+        env = measured or env
         # Free this size's model before the next one's peak memory is measured: the compiled
         # code, which holds on to it, too.
         torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if env is None:
+        sys.exit("no --train step could run: " + "; ".join(rows))
     print(f"\nMachine: {machine(env.device)}. train.py's step: DDP in a process group of one "
           f"({dist.get_backend()}), precision {env.precision}, compile {env.compile}; micro-steps x rows "
           f"x tokens per step, mean of {args.rounds} consecutive steps after "
@@ -686,6 +708,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (--train: compile on CPU too)")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--attention", nargs="+", choices=list(SDPA_BACKENDS), default=["default"],
+                        help="--train: the SDPA backends to time, each size with each")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
     parser.add_argument("--data", action="store_true", help="the data path's tokens/s instead")

@@ -46,6 +46,19 @@ def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work():
     assert sum(percents) == pytest.approx(100, abs=3)  # one thread's ops and the gaps between them
 
 
+def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run():
+    result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--micro-batch", "2", "--rounds", "1", "--warmup", "1",
+                             "--attention", "default", "math", "cudnn"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    default, math, cudnn = table_rows(result.stdout, "| model | step |")
+    assert default[0] == "tiny" and math[0] == "tiny (math)" and cudnn[0] == "tiny (cudnn)"
+    assert float(math[3].replace(",", "")) > 0
+    assert cudnn[1].startswith("not run: ")  # no cuDNN on a CPU: the row says so, the others run
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_"
      "kernel__5x_cublas", "matmul"),

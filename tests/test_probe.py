@@ -15,6 +15,7 @@ from config import LossSpikeConfig
 from model import PicoDecoder
 from test_train import ROOT, final_weights, losses, run
 
+SPIKES = ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
 PROBE = ["--evaluation.probe.rows=20", "--evaluation.probe.memorization_prefix=8",
          "--evaluation.probe.memorization_tokens=6", "--evaluation.probe.batch_size=7"]
 
@@ -162,13 +163,13 @@ def test_a_run_of_spikes_as_long_as_the_window_is_the_losss_new_level():
 
 def test_a_loss_spike_is_logged_and_its_batch_recorded_and_captured_as_a_checkpoint_would(tiny):
     config, runs = tiny
-    run_dir, spikes = runs / "run", ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
-    run(config, "--training.max_steps=8", *spikes)
+    run_dir = runs / "run"
+    run(config, "--training.max_steps=8", *SPIKES)
     assert not (run_dir / "spikes").exists()
     # Resumed with a thousandfold lr, the loss leaps at step 11 and stays up. The window of the 4
     # losses before comes from checkpoint 8, so the resumed run can tell at once.
     result = run(config, "--training.max_steps=12", "--training.optimization.lr=3.0",
-                 "--checkpointing.save_every_n_steps=1", *spikes)
+                 "--checkpointing.save_every_n_steps=1", *SPIKES)
     assert result.stdout.count("loss spike at step") == 1 and "loss spike at step 11" in result.stdout
     assert sorted(records(run_dir, "loss_spike")) == [11, 12]  # each logged, the first of a run captured
     assert [p.name for p in (run_dir / "spikes").iterdir()] == ["step_11"]
@@ -189,21 +190,21 @@ def test_a_loss_spike_is_logged_and_its_batch_recorded_and_captured_as_a_checkpo
 
 def test_a_resumed_run_drops_the_spikes_it_replays_and_start_over_moves_them_aside(tiny):
     config, runs = tiny
-    run_dir, spikes = runs / "run", ["--monitoring.loss_spikes.std_devs=3.0", "--monitoring.loss_spikes.window=4"]
+    run_dir = runs / "run"
 
     def back_to_checkpoint_8():  # as if the run had stopped there
         shutil.rmtree(run_dir / "checkpoints" / "step_12")
         (run_dir / "checkpoints" / "latest").unlink()
 
-    run(config, "--training.max_steps=8", *spikes)
-    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *spikes)
+    run(config, "--training.max_steps=8", *SPIKES)
+    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *SPIKES)
     assert [p.name for p in (run_dir / "spikes").iterdir()] == ["step_11"]
     back_to_checkpoint_8()
     run(config, "--training.max_steps=12", "--monitoring.loss_spikes.std_devs=None")  # looking for none
     assert not list((run_dir / "spikes").iterdir()) and not records(run_dir, "loss_spike")
     back_to_checkpoint_8()
-    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *spikes)
-    run(config, "--training.max_steps=2", "--checkpointing.training.start_over=True", *spikes)
+    run(config, "--training.max_steps=12", "--training.optimization.lr=3.0", *SPIKES)
+    run(config, "--training.max_steps=2", "--checkpointing.training.start_over=True", *SPIKES)
     (previous,) = run_dir.glob("previous_*")
     assert not (run_dir / "spikes").exists() and (previous / "spikes" / "step_11" / "spike.json").exists()
 
