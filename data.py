@@ -354,20 +354,6 @@ class HubShards:
         self._current = (k, self._counted(k, shard))
         return shard
 
-    def read(self, start: int, count: int) -> np.ndarray:
-        """Rows [start, start + count) in data order, as int64 [count, row_len]."""
-        end, pieces = start + count, []
-        with self._lock:
-            while start < end:
-                k, row = divmod(start, self.rows_per_shard)
-                shard = self.shard(k) if end <= self.num_rows else None  # the last may be shorter
-                if shard is None or row >= shard.num_rows:
-                    raise DataError(f"rows up to {end} requested, {self.name} has {self.num_rows}")
-                pieces.append(shard.read(row, min(end - start, shard.num_rows - row)))
-                start += len(pieces[-1])
-        return np.concatenate(pieces)
-
-
     def _counted(self, k: int, shard: ParquetShards) -> ParquetShards:
         """Shard k, once its row count is checked: positions are found assuming every shard but the
         last holds as many rows as the first."""
@@ -380,6 +366,19 @@ class HubShards:
                             f"the last holds as many rows as the first; download the dataset and "
                             f"set data.dataset.name to its directory")
         return shard
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count) in data order, as int64 [count, row_len]."""
+        end, pieces = start + count, []
+        with self._lock:
+            while start < end:
+                k, row = divmod(start, self.rows_per_shard)
+                shard = self.shard(k) if end <= self.num_rows else None  # the last may be shorter
+                if shard is None or row >= shard.num_rows:
+                    raise DataError(f"rows up to {end} requested, {self.name} has {self.num_rows}")
+                pieces.append(shard.read(row, min(end - start, shard.num_rows - row)))
+                start += len(pieces[-1])
+        return np.concatenate(pieces)
 
     def read_at(self, positions) -> np.ndarray:
         """The rows at scattered positions (the training probe's) without downloading their shards:
