@@ -692,9 +692,10 @@ class Records:
     (mirrored to Weights & Biases with monitoring.save_to_wandb), and the code of each start in
     code/TIME/ (TIME: its log's), so a fork without git history can still be reproduced. Other
     ranks log trouble only. A resumed run replays the steps after its checkpoint: their old
-    records, and their loss spikes' captures, are dropped first."""
+    records, and their loss spikes' captures, are dropped first; and where the checkpoint is not
+    `evaluated` (so the run evaluates it again), the records of its evaluation."""
 
-    def __init__(self, run_dir: Path, config, start_step: int):
+    def __init__(self, run_dir: Path, config, start_step: int, evaluated: bool = True):
         self.metrics, self.wandb = (run_dir / "metrics.jsonl" if world()[1] == 0 else None), None
         if self.metrics is None:
             self.log = logging.getLogger(f"pico.rank{world()[1]}")
@@ -704,7 +705,8 @@ class Records:
         resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         (run_dir / "training_config.yaml").write_text(resolved)
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
-            kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= start_step]
+            kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) < start_step
+                    or _step_of(line) == start_step and (evaluated or not _is_evaluation(line))]
             write_atomically(self.metrics, "".join(line + "\n" for line in kept))
         for spike in (run_dir / "spikes").glob("step_*"):
             if int(spike.name[len("step_"):]) > start_step:
@@ -760,6 +762,11 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def _is_evaluation(line: str) -> bool:
+    """Whether a record is a checkpoint's evaluation: its keys paloma_* or probe/*."""
+    return any(key.startswith(("paloma_", "probe/")) for key in json.loads(line))
 
 
 def json_line(record: dict) -> str:

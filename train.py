@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         run.lock = checkpoint.lock_run_directory(run.dir, run.start_over)
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
     checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
-    records = checkpoint.Records(run.dir, config, run.start_step)  # the run's first write
+    records = checkpoint.Records(run.dir, config, run.start_step, evaluated(config, run))  # the first write
     progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, probe, finite,

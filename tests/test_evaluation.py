@@ -82,9 +82,13 @@ def test_a_checkpoint_left_without_results_is_evaluated_when_the_run_resumes(tin
     config, runs = tiny
     write_eval_set(tmp_path / "paloma", [33, 33])
     run(config, "--training.max_steps=4", *eval_args(tmp_path / "paloma"))
-    (runs / "run" / "eval_results" / "step_4.json").unlink()  # as if killed right after saving
-    run(config, "--training.max_steps=8", *eval_args(tmp_path / "paloma"))
+    (runs / "run" / "eval_results" / "step_4.json").unlink()  # as if killed before writing it,
+    run(config, "--training.max_steps=8", *eval_args(tmp_path / "paloma"))  # its record written
     assert (runs / "run" / "eval_results" / "step_4.json").is_file()
+    records = [json.loads(line) for line in (runs / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r["step"] for r in records if "paloma_loss" in r]
+    assert 4 in evaluations and len(evaluations) == len(set(evaluations))  # once, though evaluated twice
+    assert [r for r in records if r["step"] == 4 and "loss" in r]  # its training record is kept
 
 
 def test_evaluation_rows_longer_than_max_seq_len_plus_one_are_refused(tiny, tmp_path):
