@@ -379,10 +379,11 @@ def _capture(model: PicoDecoder, rows: list, counts: list[int], total_tokens: in
             chunk = rows[start:start + ld.batch_size]
             positions = torch.tensor([ld.sequence_idx % (len(row) - 1) if ld.sequence_idx < 0
                                       else ld.sequence_idx for row in chunk], device=device)
-            inputs, labels = (t.to(device) for t in data.collate(chunk))
+            inputs, labels = data.collate(chunk)
+            n_tokens = int((labels != -100).sum())  # counted on the host: no wait for the GPU
+            inputs, labels = inputs.to(device), labels.to(device)
             with autocast:
                 _, loss = model(inputs, labels)
-            n_tokens = int((labels != -100).sum())
             for g, new in zip(gradients, torch.autograd.grad(loss * (n_tokens / total_tokens), weights)):
                 g += new.float()
     finally:
@@ -681,8 +682,8 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     kind, keys, *rest = rng["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] and torch.cuda.is_available():  # saved on a node that may have had more GPUs
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
 
 
 # The run's records: training_config.yaml, logs/, metrics.jsonl -------------------------------

@@ -720,10 +720,11 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     row_nll = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        inputs, labels = (t.to(device) for t in data.collate(chunk))
+        inputs, labels = data.collate(chunk)
+        counted = int((labels != -100).sum())  # counted on the host: the loop need not wait for the GPU
+        inputs, labels = inputs.to(device), labels.to(device)
         with autocast:
             logits, loss = model(inputs, labels)
-        counted = int((labels != -100).sum())  # known on the host: no device sync for it
         nll += loss.double() * counted
         n_tokens += counted
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
