@@ -48,26 +48,28 @@ the backward measured here (the bytes of every tensor autograd saves, under bf16
 models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks and --seq-len).
 Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
 
-    python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16] [--seq-len 2048]
-                            [--attention default flash cudnn efficient math]
+    python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16 32 ...] [--seq-len 2048]
+                            [--attention default flash cudnn efficient math] [--ddp-graph per-bucket one]
 
 The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
 micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built by
 train.build and train.parallelize under DDP in a process group of one (as a single-GPU run under
 torchrun --nproc_per_node=1), each step the lines of train.py's loop for a step that neither logs
 nor checkpoints: train.train_step, the read of the step before's loss for spike detection, AdamW,
-the lr schedule. Random tokens. Rows per micro-step: on CUDA the suite's per GPU (the global batch
-over 16 GPUs and the micro-steps: 16 rows of 2048 tokens, xl 8), on CPU 2 rows of 256. Each size
-once per --attention backend (torch.nn.attention.sdpa_kernel held around its every step,
-compilation included; a backend that cannot run the shape is a row that says why), so that the
-backends compare in one run. Per size: tokens/s over --rounds consecutive steps after --warmup
-untimed, MFU as train.py logs it, peak memory (CUDA: allocated; CPU: the process's peak resident
-set, all sizes so far), and one checkpoint's evaluation-side work as train.Checkpoints runs it
-(learning-dynamics captures on the step's batch and 64 random evaluation rows, train.evaluate on
-those rows) as a share of 1,000 steps. Then a profiled window of steps by kind of work
-(KERNEL_CLASSES): device kernels on CUDA, with idle = wall time when no kernel runs; on CPU the
-ops' own (self) CPU time, with idle = time in no op. Kernels that run at once on two streams
-(DDP's all-reduce beside the backward) can make the shares add up to more than 100%.
+the lr schedule. Random tokens. Rows per step: on CUDA the suite's per GPU (the global batch over 16
+GPUs: 64 rows of 2048 tokens in 4 micro-steps, xl 8), on CPU 4 micro-steps of 2 rows of 256. Each
+size once per variant, so that the variants compare in one run: per --attention backend
+(torch.nn.attention.sdpa_kernel held around its every step, compilation included), per --micro-batch
+(the same rows per step in fewer, larger micro-steps), per --ddp-graph (DDP_GRAPHS). A variant that
+cannot run (a backend that cannot run the shape, a micro-batch out of memory) is a row that says
+why. Each row is printed as it is measured, then the tables whole. Per size: tokens/s over --rounds
+consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory (CUDA: allocated;
+CPU: the process's peak resident set, all sizes so far), and one checkpoint's evaluation-side work
+as train.Checkpoints runs it (learning-dynamics captures on the step's batch and 64 random
+evaluation rows, train.evaluate on those rows) as a share of 1,000 steps. Then a profiled window of
+steps by kind of work (KERNEL_CLASSES): device kernels on CUDA, with idle = wall time when no kernel
+runs; on CPU the ops' own (self) CPU time, with idle = time in no op. Kernels that run at once on
+two streams (DDP's all-reduce beside the backward) can make the shares add up to more than 100%.
 """
 
 import argparse
@@ -473,13 +475,18 @@ KERNEL_CLASSES = {
     "elementwise": r"triton_|elementwise|reduce|cpp_fused|aten::",
 }
 CLASS_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in KERNEL_CLASSES.items()}
-# The suite trains on 16 GPUs: a GPU's micro-batch is the global batch over 16 x the micro-steps.
+# The suite trains on 16 GPUs: a GPU's rows per step are the global batch over 16.
 SUITE_GPUS = 16
 EVAL_ROWS = 64  # --train: evaluation rows captured and evaluated at a checkpoint
 PROFILE_STEPS = 3  # --train: steps in the profiled window
 # --train --attention: scaled_dot_product_attention held to one backend; "default": PyTorch's choice
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# --train --ddp-graph: torch._dynamo's optimize_ddp. torch.compile of the DDP wrapper (train.py's)
+# cuts the graph at each 25 MB gradient bucket by default, so that a bucket's all-reduce can start
+# while the backward goes on; "one" graph fuses across the cuts, but its all-reduces all wait for the
+# whole backward: one process measures what the cuts cost, not what they buy on several GPUs.
+DDP_GRAPHS = {"per-bucket": True, "one": False}
 
 
 def kernel_class(name: str) -> str:
@@ -522,7 +529,8 @@ def profile_window(run_step, steps: int, device: torch.device) -> dict | None:
         wall_us = (time.perf_counter() - start) * 1e6
     events = profiler.events()
     if cuda:
-        busy = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]  # a span the profiler marks, no kernel
         if not busy:
             return None
         times = [(kernel_class(e.name), e.time_range.elapsed_us()) for e in busy]
@@ -536,19 +544,25 @@ def profile_window(run_step, steps: int, device: torch.device) -> dict | None:
     return shares
 
 
-def suite_config(name: str, args, cuda: bool) -> Config:
-    """The size's config file, with one process's global batch: micro-steps of --micro-batch rows."""
+def suite_config(name: str, args, cuda: bool, micro_batch: int | None) -> Config:
+    """The size's config file, with one process's rows per step: on CUDA a GPU's of the suite, on
+    CPU 2 rows per micro-step. Given micro_batch, the same rows in micro-steps of that many rows:
+    fewer micro-steps, as a config's gradient_accumulation_steps would set them."""
     config = load_config(str(Path(__file__).resolve().parent / "configs" / f"pico-decoder-{name}.py"), [])
-    accum = config.training.optimization.gradient_accumulation_steps
-    if args.micro_batch is not None:
-        micro_batch = args.micro_batch
+    optimization = config.training.optimization
+    if cuda:
+        rows = config.data.dataloader.batch_size // SUITE_GPUS
     else:
-        micro_batch = config.data.dataloader.batch_size // (SUITE_GPUS * accum) if cuda else 2
+        rows = 2 * optimization.gradient_accumulation_steps
+    if micro_batch is not None:
+        if rows % micro_batch:
+            raise ValueError(f"{rows} rows per step are no whole number of micro-batches of {micro_batch}")
+        optimization.gradient_accumulation_steps = rows // micro_batch
     if args.seq_len is not None:
         config.model.max_seq_len = args.seq_len
     elif not cuda:
         config.model.max_seq_len = 256
-    config.data.dataloader.batch_size = micro_batch * accum
+    config.data.dataloader.batch_size = rows
     config.training.compile = True if args.compile else None  # None: train.py's, on for CUDA only
     config.evaluation.probe.rows = 0  # the probe is --probe's; without it a short --seq-len is valid
     return config
@@ -562,7 +576,7 @@ def join_group_of_one(env: train.Env):
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
 
 
-def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor,
+def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor, finite: train.FiniteCheck,
               spikes: train.LossSpikes | None, step: int):
     """One pass of train.main()'s loop at a step that neither logs nor checkpoints."""
     model, step_model, wrapper, optimizer, scheduler = built
@@ -571,10 +585,11 @@ def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor,
     loss = train.train_step(step_model, wrapper, batch, env.autocast)
     if spikes:  # on by default: the step before's loss, read while this step's work runs
         spikes.read()
-    train.clip_gradients(model, config.training.optimization.max_grad_norm, False)
+    grad_norm = train.clip_gradients(model, config.training.optimization.max_grad_norm, False)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    finite.watch(step + 1, loss, grad_norm)
     if spikes:
         dist.all_reduce(loss)
         spikes.watch(step + 1, loss, batch)
@@ -604,22 +619,37 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
     return once()
 
 
-def bench_train_size(name: str, args, attention: str = "default") -> tuple[str, str, train.Env]:
-    """One size's row of each --train table, and its Env; attention: an SDPA backend (SDPA_BACKENDS)
-    that every step is held to, compilation included, or PyTorch's own choice."""
-    label = name if attention == "default" else f"{name} ({attention})"
-    with sdpa_kernel(SDPA_BACKENDS[attention]) if attention != "default" else contextlib.nullcontext():
+def bench_train_size(name: str, args, attention: str = "default", micro_batch: int | None = None,
+                     graph: str = "per-bucket") -> tuple[str, str, train.Env]:
+    """One size's row of each --train table, and its Env, in one variant: attention, an SDPA
+    backend (SDPA_BACKENDS) that every step is held to, compilation included, or PyTorch's own
+    choice; micro_batch, rows per micro-step (None: the suite's); graph, how torch.compile cuts
+    the DDP wrapper's graph (DDP_GRAPHS)."""
+    variant = ([attention] if attention != "default" else []) + (["one graph"] if graph == "one" else [])
+    label = f"{name} ({', '.join(variant)})" if variant else name
+    with contextlib.ExitStack() as held:
+        if attention != "default":
+            held.enter_context(sdpa_kernel(SDPA_BACKENDS[attention]))
+        held.enter_context(torch._dynamo.config.patch(optimize_ddp=DDP_GRAPHS[graph]))
         try:
-            return measure_train_step(name, label, args)
-        except RuntimeError as e:  # e.g. "No available kernel": the backend cannot run this shape
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            cells = [label, f"not run: {why[:100]}"]
+            return measure_train_step(name, label, args, micro_batch)
+        # "No available kernel": the backend cannot run the shape; out of memory; rows per step
+        except (RuntimeError, ValueError) as e:
+            cells = [label, f"not run: {why_not_run(e)[:100]}"]
             return "| " + " | ".join(cells + [""] * 6) + " |", "| " + label + " |", None
 
 
-def measure_train_step(name: str, label: str, args) -> tuple[str, str, train.Env]:
+def why_not_run(error: Exception) -> str:
+    """The first line of the innermost exception error was raised from or while handling: compiled
+    code says "RuntimeError when making fake tensor call", its innermost cause says why."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def measure_train_step(name: str, label: str, args, micro_batch: int | None) -> tuple[str, str, train.Env]:
     cuda = torch.cuda.is_available()
-    config = suite_config(name, args, cuda)
+    config = suite_config(name, args, cuda, micro_batch)
     env = train.setup(config)
     if not dist.is_initialized():
         join_group_of_one(env)
@@ -634,10 +664,10 @@ def measure_train_step(name: str, label: str, args) -> tuple[str, str, train.Env
 
     spike_config = config.monitoring.loss_spikes
     spikes = train.LossSpikes(spike_config, {}) if spike_config.std_devs else None
-    step = itertools.count()
+    finite, step = train.FiniteCheck(env.device, None), itertools.count()
 
     def run_step():
-        loop_step(config, env, built, rows, spikes, next(step))
+        loop_step(config, env, built, rows, finite, spikes, next(step))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(untimed_steps(args, env.compile)):
         run_step()
@@ -667,8 +697,10 @@ def measure_train_step(name: str, label: str, args) -> tuple[str, str, train.Env
 def bench_train(args):
     sizes = list(SUITE) if args.all_sizes else args.model
     rows, breakdowns, env = [], [], None
-    for name, attention in itertools.product(sizes, args.attention):
-        row, breakdown, measured = bench_train_size(name, args, attention)
+    variants = itertools.product(sizes, args.attention, args.micro_batch or [None], args.ddp_graph)
+    for name, attention, micro_batch, graph in variants:
+        row, breakdown, measured = bench_train_size(name, args, attention, micro_batch, graph)
+        print(row, flush=True)  # a run cut short by a time limit still shows what it measured
         rows.append(row)
         breakdowns.append(breakdown)
         env = measured or env
@@ -725,19 +757,23 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true",
                         help="the cost of the training probe, memorization and spike detection instead")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
-    parser.add_argument("--micro-batch", type=int,
-                        help="rows per GPU and micro-step: --memory 8, --train the suite's on CUDA, 2 on CPU")
+    parser.add_argument("--micro-batch", type=int, nargs="+",
+                        help="rows per GPU and micro-step: --memory 8; --train the suite's on CUDA, 2 on "
+                             "CPU, or several, each with the same rows per step")
+    parser.add_argument("--ddp-graph", nargs="+", choices=list(DDP_GRAPHS), default=["per-bucket"],
+                        help="--train, compiled: the compiled DDP wrapper's graph per gradient bucket "
+                             "(PyTorch's default) or one")
     parser.add_argument("--train", action="store_true",
                         help="train.py's own step: tokens/s, MFU, memory, time by kind of work instead")
     parser.add_argument("--all-sizes", action="store_true", help="for --train: every size of the suite")
     args = parser.parse_args()
     if args.train:
         return bench_train(args)
-    if len(args.model) > 1:
-        parser.error(f"--model {' '.join(args.model)}: expected one size (several only with --train)")
-    args.model = args.model[0]
+    for name, values in (("--model", args.model), ("--micro-batch", args.micro_batch or [8])):
+        if len(values) > 1:
+            parser.error(f"{name} {' '.join(map(str, values))}: expected one (several only with --train)")
+    args.model, args.micro_batch = args.model[0], (args.micro_batch or [8])[0]
     args.seq_len = 256 if args.seq_len is None else args.seq_len
-    args.micro_batch = 8 if args.micro_batch is None else args.micro_batch
     if args.memory:
         return bench_memory(args)
     if args.layer_stats:

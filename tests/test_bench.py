@@ -59,6 +59,41 @@ def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run()
     assert cudnn[1].startswith("not run: ")  # no cuDNN on a CPU: the row says so, the others run
 
 
+def test_train_mode_times_each_micro_batch_and_ddp_graph_in_one_run_with_the_same_rows_per_step():
+    result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--micro-batch", "4", "3", "--rounds", "1", "--warmup", "1",
+                             "--ddp-graph", "per-bucket", "one"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout, "| model | step |")
+    # The same 8 rows per step (the config's 4 micro-steps of 2 on a CPU) in 2 micro-steps of 4.
+    assert [row[:2] for row in rows[:2]] == [["tiny", "2 x 4 x 32"], ["tiny (one graph)", "2 x 4 x 32"]]
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:2])
+    assert rows[2][:2] == ["tiny", "not run: 8 rows per step are no whole number of micro-batches of 3"]
+    assert rows[3][0] == "tiny (one graph)" and rows[3][1].startswith("not run: ")
+
+
+def test_only_train_mode_takes_several_micro_batches():
+    result = subprocess.run([sys.executable, "bench.py", "--memory", "--micro-batch", "4", "8"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "--micro-batch 4 8: expected one" in result.stderr
+
+
+def test_a_variant_that_cannot_run_is_named_by_its_innermost_cause():
+    try:
+        try:
+            raise RuntimeError("No viable backend for scaled_dot_product_attention was found.\nmore")
+        except RuntimeError as e:
+            raise ValueError("dynamo: unsupported") from e
+    except ValueError:
+        try:
+            raise RuntimeError("RuntimeError when making fake tensor call")  # as torch._dynamo re-raises
+        except RuntimeError as compiled:
+            assert bench.why_not_run(compiled).startswith("No viable backend for scaled_dot_product")
+    assert bench.why_not_run(RuntimeError("")) == "RuntimeError"
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_"
      "kernel__5x_cublas", "matmul"),
