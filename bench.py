@@ -49,7 +49,7 @@ models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks an
 Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
 
     python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16 32 ...] [--seq-len 2048]
-                            [--attention default flash cudnn efficient math] [--ddp-graph per-bucket one]
+                            [--attention default flash cudnn efficient math] [--ddp-graph per-bucket one per-block]
 
 The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
 micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built by
@@ -482,11 +482,14 @@ PROFILE_STEPS = 3  # --train: steps in the profiled window
 # --train --attention: scaled_dot_product_attention held to one backend; "default": PyTorch's choice
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-# --train --ddp-graph: torch._dynamo's optimize_ddp. torch.compile of the DDP wrapper (train.py's)
-# cuts the graph at each 25 MB gradient bucket by default, so that a bucket's all-reduce can start
-# while the backward goes on; "one" graph fuses across the cuts, but its all-reduces all wait for the
-# whole backward: one process measures what the cuts cost, not what they buy on several GPUs.
-DDP_GRAPHS = {"per-bucket": True, "one": False}
+# --train --ddp-graph: how the compiled step's graphs meet DDP, and torch._dynamo's optimize_ddp for
+# it. torch.compile of the DDP wrapper (train.py's) cuts the graph at each 25 MB gradient bucket by
+# default, so that a bucket's all-reduce can start while the backward goes on; "one" graph fuses
+# across the cuts, but its all-reduces all wait for the whole backward: one process measures what
+# the cuts cost, not what they buy on several GPUs. "per-block": each block and the loss compiled on
+# their own, as train.parallelize does under FSDP, and the DDP wrapper eager; a checkpoint's captures
+# then run through the compiled blocks, whose hooks make them compile again.
+DDP_GRAPHS = {"per-bucket": True, "one": False, "per-block": True}
 
 
 def kernel_class(name: str) -> str:
@@ -625,14 +628,15 @@ def bench_train_size(name: str, args, attention: str = "default", micro_batch: i
     backend (SDPA_BACKENDS) that every step is held to, compilation included, or PyTorch's own
     choice; micro_batch, rows per micro-step (None: the suite's); graph, how torch.compile cuts
     the DDP wrapper's graph (DDP_GRAPHS)."""
-    variant = ([attention] if attention != "default" else []) + (["one graph"] if graph == "one" else [])
+    variant = [attention] if attention != "default" else []
+    variant += [f"{graph} graph"] if graph != "per-bucket" else []
     label = f"{name} ({', '.join(variant)})" if variant else name
     with contextlib.ExitStack() as held:
         if attention != "default":
             held.enter_context(sdpa_kernel(SDPA_BACKENDS[attention]))
         held.enter_context(torch._dynamo.config.patch(optimize_ddp=DDP_GRAPHS[graph]))
         try:
-            return measure_train_step(name, label, args, micro_batch)
+            return measure_train_step(name, label, args, micro_batch, graph)
         # "No available kernel": the backend cannot run the shape; out of memory; rows per step
         except (RuntimeError, ValueError) as e:
             cells = [label, f"not run: {why_not_run(e)[:100]}"]
@@ -647,7 +651,8 @@ def why_not_run(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def measure_train_step(name: str, label: str, args, micro_batch: int | None) -> tuple[str, str, train.Env]:
+def measure_train_step(name: str, label: str, args, micro_batch: int | None,
+                       graph: str) -> tuple[str, str, train.Env]:
     cuda = torch.cuda.is_available()
     config = suite_config(name, args, cuda, micro_batch)
     env = train.setup(config)
@@ -657,6 +662,11 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None) -> 
         torch.cuda.reset_peak_memory_stats(env.device)
     built = train.build(config, env, train.Run(Path("unused")))  # no checkpoint to read: nothing on disk
     model = built[0]
+    if graph == "per-block" and env.compile:  # torch.compile is lazy: the wrapper was never compiled
+        for block in model.layers:
+            block.forward = torch.compile(block.forward)
+        model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
+        built = (model, built[2], *built[2:])  # each step calls the DDP wrapper itself
     print(f"pico-decoder-{name}: {model.num_params():,} parameters", flush=True)
     accum, seq_len = config.training.optimization.gradient_accumulation_steps, config.model.max_seq_len
     rows = torch.randint(0, config.model.vocab_size, (config.data.dataloader.batch_size, seq_len + 1))

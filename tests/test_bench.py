@@ -62,16 +62,17 @@ def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run()
 def test_train_mode_times_each_micro_batch_and_ddp_graph_in_one_run_with_the_same_rows_per_step():
     result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
                              "--micro-batch", "4", "3", "--rounds", "1", "--warmup", "1",
-                             "--ddp-graph", "per-bucket", "one"],
+                             "--ddp-graph", "per-bucket", "one", "per-block"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout, "| model | step |")
     # The same 8 rows per step (the config's 4 micro-steps of 2 on a CPU) in 2 micro-steps of 4.
-    assert [row[:2] for row in rows[:2]] == [["tiny", "2 x 4 x 32"], ["tiny (one graph)", "2 x 4 x 32"]]
-    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:2])
-    assert rows[2][:2] == ["tiny", "not run: 8 rows per step are no whole number of micro-batches of 3"]
-    assert rows[3][0] == "tiny (one graph)" and rows[3][1].startswith("not run: ")
+    labels = ["tiny", "tiny (one graph)", "tiny (per-block graph)"]
+    assert [row[:2] for row in rows[:3]] == [[label, "2 x 4 x 32"] for label in labels]
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:3])
+    assert rows[3][:2] == ["tiny", "not run: 8 rows per step are no whole number of micro-batches of 3"]
+    assert [row[0] for row in rows[3:]] == labels and all(row[1].startswith("not run: ") for row in rows[3:])
 
 
 def test_only_train_mode_takes_several_micro_batches():
