@@ -48,8 +48,9 @@ the backward measured here (the bytes of every tensor autograd saves, under bf16
 models of 1 and 2 blocks at two lengths, extrapolated to the size's 12 blocks and --seq-len).
 Eager figures: compiled code keeps less around the float32 logits; allocator slack not counted.
 
-    python bench.py --train [--model tiny small ... | --all-sizes] [--micro-batch 16 32 ...] [--seq-len 2048]
-                            [--attention default flash cudnn efficient math] [--ddp-graph per-bucket one per-block]
+    python bench.py --train [--model tiny small ... | --all-sizes] [--seq-len 2048]
+                            [--attention default flash cudnn efficient math] [--micro-batch 16 32 ...]
+                            [--ddp-graph per-bucket one per-block]
 
 The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
 micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built by
