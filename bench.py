@@ -66,11 +66,12 @@ cannot run (a backend that cannot run the shape, a micro-batch out of memory) is
 why. Each row is printed as it is measured, then the tables whole. Per size: tokens/s over --rounds
 consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory (CUDA: allocated;
 CPU: the process's peak resident set, all sizes so far), and one checkpoint's evaluation-side work
-as train.Checkpoints runs it (learning-dynamics captures on the step's batch and 64 random
-evaluation rows, train.evaluate on those rows) as a share of 1,000 steps. Then a profiled window of
-steps by kind of work (KERNEL_CLASSES): device kernels on CUDA, with idle = wall time when no kernel
-runs; on CPU the ops' own (self) CPU time, with idle = time in no op. Kernels that run at once on
-two streams (DDP's all-reduce beside the backward) can make the shares add up to more than 100%.
+as train.Checkpoints runs it, one GPU's share in the suite (checkpoint_work: captures, evaluation
+and the probe; --val-rows the evaluation set's rows), as a share of the 1,000 steps between two
+checkpoints. Then a profiled window of steps by kind of work (KERNEL_CLASSES): device kernels on
+CUDA, with idle = wall time when no kernel runs; on CPU the ops' own (self) CPU time, with idle =
+time in no op. Kernels that run at once on two streams (DDP's all-reduce beside the backward) can
+make the shares add up to more than 100%.
 """
 
 import argparse
@@ -478,7 +479,9 @@ KERNEL_CLASSES = {
 CLASS_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in KERNEL_CLASSES.items()}
 # The suite trains on 16 GPUs: a GPU's rows per step are the global batch over 16.
 SUITE_GPUS = 16
-EVAL_ROWS = 64  # --train: evaluation rows captured and evaluated at a checkpoint
+# --train: the suite's evaluation set, captured and evaluated at each checkpoint. 1,000 is the least
+# pico-lm/pretokenized-paloma-tinsy's Hub card gives (1K-10K rows): --val-rows its count.
+SUITE_EVAL_ROWS = 1000
 PROFILE_STEPS = 3  # --train: steps in the profiled window
 # --train --attention: scaled_dot_product_attention held to one backend; "default": PyTorch's choice
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -599,15 +602,22 @@ def loop_step(config: Config, env: train.Env, built: tuple, rows: torch.Tensor, 
         spikes.watch(step + 1, loss, batch)
 
 
-def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: torch.Tensor) -> float:
-    """Seconds of one checkpoint's evaluation-side work as train.Checkpoints runs it, on the
-    unwrapped model (eager): the learning-dynamics captures on the step's batch and EVAL_ROWS
-    evaluation rows, then train.evaluate on those rows."""
+def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: torch.Tensor,
+                    val_rows: int) -> float:
+    """Seconds of one GPU's share of a checkpoint's evaluation-side work in the suite, as
+    train.Checkpoints runs it on the unwrapped model (eager): the learning-dynamics captures on the
+    step's batch and on the evaluation rows, train.evaluate on those rows, then the training probe
+    (train.evaluate and train.memorization, evaluation.probe's defaults). Each rank takes its block
+    of the fixed rows (checkpoint.my_rows): here 1/SUITE_GPUS of val_rows and of the probe's."""
     cuda = env.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    val = list(torch.randint(0, config.model.vocab_size, (EVAL_ROWS, config.model.max_seq_len + 1)))
-    batch = rows.to(env.device).view(config.training.optimization.gradient_accumulation_steps, -1,
-                                     config.model.max_seq_len + 1)
+    seq_len, probe = config.model.max_seq_len, Config().evaluation.probe
+    # The first ranks' blocks are the larger ones: rounded up.
+    val, probed = (list(torch.randint(0, config.model.vocab_size, (-(-n // SUITE_GPUS), seq_len + 1)))
+                   for n in (val_rows, probe.rows))
+    memorize = probe.memorization_tokens and probe.memorization_prefix + probe.memorization_tokens <= seq_len
+    accum = config.training.optimization.gradient_accumulation_steps
+    batch = rows.to(env.device).view(accum, -1, seq_len + 1)
 
     def once() -> float:
         sync()
@@ -616,6 +626,10 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
                                      env.autocast)
         train.evaluate(model, val, config.evaluation.paloma.batch_size, env.device, env.autocast,
                        byte_level=False)
+        train.evaluate(model, probed, probe.batch_size, env.device, env.autocast, byte_level=False)
+        if memorize:  # as train.Checkpoints: only where the prefix and the decoded tokens fit
+            train.memorization(model, probed, probe.memorization_prefix, probe.memorization_tokens,
+                               probe.batch_size, env.device, env.autocast)
         sync()
         return time.perf_counter() - start
     if cuda:  # the eager kernels' first launches (cuBLAS handles, autotuning): once a run, not a checkpoint
@@ -696,10 +710,10 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None,
     peak = train.peak_flops(env.device)
     mfu = f"{model.flops_per_token(seq_len) * tokens_per_s / peak:.1%}" if peak else "n/a"
     shares = profile_window(run_step, PROFILE_STEPS, env.device)
-    work_s = checkpoint_work(config, env, model, rows)
+    work_s = checkpoint_work(config, env, model, rows, args.val_rows or SUITE_EVAL_ROWS)
     micro_batch = config.data.dataloader.batch_size // accum
     row = [label, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
-           memory, f"{work_s:,.2f} s", f"{work_s / (1000 * step_s):.2%}"]
+           memory, f"{work_s:,.2f} s", f"{work_s / (config.checkpointing.save_every_n_steps * step_s):.2%}"]
     kinds = [*KERNEL_CLASSES, "other", "idle"]
     breakdown = [label] + ([f"{shares[kind]:.1%}" for kind in kinds] if shares else ["n/a"] * len(kinds))
     return "| " + " | ".join(row) + " |", "| " + " | ".join(breakdown) + " |", env
@@ -726,9 +740,11 @@ def bench_train(args):
     print(f"\nMachine: {machine(env.device)}. train.py's step: DDP in a process group of one "
           f"({dist.get_backend()}), precision {env.precision}, compile {env.compile}; micro-steps x rows "
           f"x tokens per step, mean of {args.rounds} consecutive steps after "
-          f"{untimed_steps(args, env.compile)} untimed.\n")
-    print("| model | step | ms/step | tokens/s | MFU | peak memory | checkpoint: captures + evaluation "
-          "| captures + evaluation / 1,000 steps |")
+          f"{untimed_steps(args, env.compile)} untimed. A checkpoint: one GPU's share of "
+          f"{args.val_rows or SUITE_EVAL_ROWS:,} evaluation rows and {Config().evaluation.probe.rows:,} "
+          f"probe rows over {SUITE_GPUS} GPUs.\n")
+    print("| model | step | ms/step | tokens/s | MFU | peak memory "
+          "| checkpoint: captures, evaluation, probe | checkpoint / 1,000 steps |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     where = ("device kernels' time; idle: no kernel running" if env.device.type == "cuda"
@@ -759,7 +775,9 @@ def main() -> None:
     parser.add_argument("--data-steps", type=int, default=32, help="global batches read by --data")
     parser.add_argument("--captures", action="store_true",
                         help="the cost of a checkpoint's learning-dynamics captures instead")
-    parser.add_argument("--val-rows", type=int, default=64, help="evaluation rows for --captures")
+    parser.add_argument("--val-rows", type=int,
+                        help="evaluation rows: --captures 64; --train the suite's evaluation set, of which "
+                             f"one GPU takes 1/{SUITE_GPUS} ({SUITE_EVAL_ROWS:,} rows unless given)")
     parser.add_argument("--scaling", action="store_true",
                         help="under torchrun: tokens/s of N processes against one (see above)")
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="for --scaling")
@@ -797,7 +815,7 @@ def main() -> None:
         return bench_data(args.data_steps)
     if args.captures:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return bench_captures(args.model, args.batch_size, args.seq_len, args.val_rows, device)
+        return bench_captures(args.model, args.batch_size, args.seq_len, args.val_rows or 64, device)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
