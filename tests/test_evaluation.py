@@ -91,6 +91,19 @@ def test_a_checkpoint_left_without_results_is_evaluated_when_the_run_resumes(tin
     assert [r for r in records if r["step"] == 4 and "loss" in r]  # its training record is kept
 
 
+@pytest.mark.parametrize("evaluated", [True, False])
+def test_a_resumed_run_drops_its_checkpoints_evaluation_records_only_to_evaluate_again(tmp_path, evaluated):
+    import checkpoint
+    from config import Config
+
+    records = [{"step": 3, "loss": 3.0}, {"step": 3, "paloma_loss": 3.1}, {"step": 4, "loss": 2.0},
+               {"step": 4, "paloma_loss": 2.1}, {"step": 4, "probe/loss_seen": 2.2}, {"step": 5, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    checkpoint.Records(tmp_path, Config(), start_step=4, evaluated=evaluated).close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == (records[:5] if evaluated else records[:3])  # step 5's always goes: it is replayed
+
+
 def test_evaluation_rows_longer_than_max_seq_len_plus_one_are_refused(tiny, tmp_path):
     config, runs = tiny
     write_eval_set(tmp_path / "paloma", [33, 34])
