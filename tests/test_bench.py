@@ -28,6 +28,7 @@ def table_rows(output: str, header_start: str) -> list[list[str]]:
 def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work():
     # One thread: on a busy machine a team of threads spends its time waiting for its last member.
     result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--val-rows", "16",  # one row per GPU's share: the checkpoint's work, shortly
                              "--micro-batch", "2", "--rounds", "3", "--warmup", "1"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -48,6 +49,7 @@ def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work():
 
 def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run():
     result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--val-rows", "16",
                              "--micro-batch", "2", "--rounds", "1", "--warmup", "1",
                              "--attention", "default", "math", "cudnn"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -61,6 +63,7 @@ def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run()
 
 def test_train_mode_times_each_micro_batch_and_ddp_graph_in_one_run_with_the_same_rows_per_step():
     result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
+                             "--val-rows", "16",
                              "--micro-batch", "4", "3", "--rounds", "1", "--warmup", "1",
                              "--ddp-graph", "per-bucket", "one", "per-block"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
