@@ -678,9 +678,7 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None,
     built = train.build(config, env, train.Run(Path("unused")))  # no checkpoint to read: nothing on disk
     model = built[0]
     if graph == "per-block" and env.compile:  # torch.compile is lazy: the wrapper was never compiled
-        for block in model.layers:
-            block.forward = torch.compile(block.forward)
-        model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
+        train.compile_blocks(model)
         built = (model, built[2], *built[2:])  # each step calls the DDP wrapper itself
     print(f"pico-decoder-{name}: {model.num_params():,} parameters", flush=True)
     accum, seq_len = config.training.optimization.gradient_accumulation_steps, config.model.max_seq_len
@@ -710,7 +708,7 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None,
     peak = train.peak_flops(env.device)
     mfu = f"{model.flops_per_token(seq_len) * tokens_per_s / peak:.1%}" if peak else "n/a"
     shares = profile_window(run_step, PROFILE_STEPS, env.device)
-    work_s = checkpoint_work(config, env, model, rows, args.val_rows or SUITE_EVAL_ROWS)
+    work_s = checkpoint_work(config, env, model, rows, args.val_rows)
     micro_batch = config.data.dataloader.batch_size // accum
     row = [label, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
            memory, f"{work_s:,.2f} s", f"{work_s / (config.checkpointing.save_every_n_steps * step_s):.2%}"]
@@ -721,6 +719,7 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None,
 
 def bench_train(args):
     sizes = list(SUITE) if args.all_sizes else args.model
+    args.val_rows = args.val_rows or SUITE_EVAL_ROWS
     rows, breakdowns, env = [], [], None
     variants = itertools.product(sizes, args.attention, args.micro_batch or [None], args.ddp_graph)
     for name, attention, micro_batch, graph in variants:
@@ -741,7 +740,7 @@ def bench_train(args):
           f"({dist.get_backend()}), precision {env.precision}, compile {env.compile}; micro-steps x rows "
           f"x tokens per step, mean of {args.rounds} consecutive steps after "
           f"{untimed_steps(args, env.compile)} untimed. A checkpoint: one GPU's share of "
-          f"{args.val_rows or SUITE_EVAL_ROWS:,} evaluation rows and {Config().evaluation.probe.rows:,} "
+          f"{args.val_rows:,} evaluation rows and {Config().evaluation.probe.rows:,} "
           f"probe rows over {SUITE_GPUS} GPUs.\n")
     print("| model | step | ms/step | tokens/s | MFU | peak memory "
           "| checkpoint: captures, evaluation, probe | checkpoint / 1,000 steps |")

@@ -394,8 +394,8 @@ def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
     """(the module each training step calls, its DDP or FSDP wrapper or None). DDP, the default,
     keeps a whole replica per GPU (the suite's largest, with AdamW's state, is 9 GB) and is
     compiled whole. FSDP2 shards weights, gradients and optimizer state as torchtitan does: each
-    block, then the output layer, then the root, each a unit gathered just before it runs; each
-    block is compiled on its own, once, and FSDP's hooks between blocks stay eager."""
+    block, then the output layer, then the root, each a unit gathered just before it runs; the
+    blocks compiled each on its own (compile_blocks), FSDP's hooks between them eager."""
     strategy = config.training.distributed if dist.is_initialized() else None
     if strategy == "ddp":
         cuda = env.device.type == "cuda"
@@ -407,18 +407,24 @@ def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if env.precision == "bf16-mixed" else None,
                                       reduce_dtype=torch.float32)
         reshard = config.training.reshard_after_forward
+        if env.compile:
+            compile_blocks(model)
         for i, block in enumerate(model.layers):
-            if env.compile:
-                block.forward = torch.compile(block.forward)
             # The last block's backward and the output layer's come right after their forwards:
             # resharding in between would only gather the same weights twice.
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and i < len(model.layers) - 1)
         fully_shard(model.de_embedding_proj, mp_policy=policy, reshard_after_forward=False)
-        if env.compile:  # and the loss, whose float32 logits compiled code never stores whole
-            model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
         fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         return model, model
     return (torch.compile(model) if env.compile else model), None
+
+
+def compile_blocks(model: PicoDecoder):
+    """Each block compiled on its own, once, so that a wrapper's hooks between blocks stay eager; and
+    the loss, whose float32 logits compiled code never stores whole."""
+    for block in model.layers:
+        block.forward = torch.compile(block.forward)
+    model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
 
 
 class Progress:
