@@ -19,6 +19,7 @@ import torch
 
 import checkpoint
 import data
+import launcher
 import train
 from model import ModelConfig, PicoDecoder
 from test_train import ROOT, SHARD, assert_same_run, losses, run, snapshot, start
@@ -118,9 +119,9 @@ def test_a_second_training_on_a_run_directory_is_refused_and_a_killed_ones_lock_
 
 def test_default_run_names_of_runs_started_together_differ(tiny):
     config, runs = tiny
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(config), "--training.max_steps=1",
-                               "--checkpointing.run_name=None"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [launcher.Popen([sys.executable, str(ROOT / "train.py"), str(config), "--training.max_steps=1",
+                             "--checkpointing.run_name=None"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs), [p.stderr.read() for p in procs]
     assert len([p for p in runs.iterdir() if (p / "checkpoints" / "latest").exists()]) == 2
 
@@ -173,8 +174,8 @@ def test_bytes_flipped_in_a_checkpoint_are_named_by_the_resume_and_by_verify(tin
     before = snapshot(runs)
     line = one_line_error(run(config, check=False))
     assert str(damaged) in line and "damaged" in line and snapshot(runs) == before
-    verify = subprocess.run([sys.executable, str(ROOT / "checkpoint.py"), "verify", str(runs / "run")],
-                            capture_output=True, text=True, cwd=ROOT)
+    verify = launcher.run([sys.executable, str(ROOT / "checkpoint.py"), "verify", str(runs / "run")],
+                          capture_output=True, text=True, cwd=ROOT)
     assert verify.returncode == 1 and str(damaged) in verify.stdout and "step_4: ok" in verify.stdout
 
 
@@ -265,8 +266,8 @@ def test_bad_arguments_to_sample_and_data_are_one_error_line(tiny, tmp_path, scr
     args = [str(config) if a == "CONFIG" else str(tmp_path / "shards") if a == "SHARDS" else a for a in args]
     if script == "sample.py":
         args = [str(runs / "run" / "checkpoints" / "latest")] + args
-    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
+    result = launcher.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode != 0 and len(errors) == 1 and culprit in errors[0], result.stderr
     assert "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import launcher
 
 VOCAB = 1000  # more ids than rows, so a row's first token can be its global position
 ROW_LEN = 9  # max_seq_len 8, plus the token the last position predicts
@@ -278,7 +279,6 @@ def test_open_dataset_of_the_embedded_corpus_reads_its_train_split(corpus_builds
 
 
 def test_data_batch_command_rebuilds_the_batch_the_trainer_consumed(tmp_path, monkeypatch):
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -312,9 +312,9 @@ checkpointing.learning_dynamics.eval_data = None
     assert len(consumed) == 5
     for step in (0, 3):
         out = tmp_path / f"batch_{step}.npy"
-        subprocess.run([sys.executable, "data.py", "batch", str(config), "--step", str(step),
-                        "--out", str(out)], check=True, capture_output=True,
-                       cwd=Path(data.__file__).parent)
+        launcher.run([sys.executable, "data.py", "batch", str(config), "--step", str(step),
+                      "--out", str(out)], check=True, capture_output=True,
+                     cwd=Path(data.__file__).parent)
         np.testing.assert_array_equal(np.load(out), consumed[step].numpy())
 
 

@@ -23,6 +23,7 @@ import torch
 import checkpoint
 import config as pico_config
 import data
+import launcher
 import train
 from test_evaluation import eval_args, write_eval_set
 from test_probe import PROBE
@@ -251,8 +252,8 @@ def test_a_failure_on_one_rank_ends_the_job_with_its_message(tmp_path):
 def test_a_world_size_that_does_not_divide_the_batch_is_one_line(tiny):
     config, runs = tiny
     env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, env=env)
+    result = launcher.run([sys.executable, str(ROOT / "train.py"), str(config)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60, env=env)
     assert result.returncode != 0 and not runs.exists()
     assert result.stderr.strip().splitlines() == [
         "error: data.dataloader.batch_size=8: expected a positive multiple of world size x "

@@ -4,7 +4,6 @@ offline use, bad repos, and `python data.py verify`."""
 
 import json
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import data
+import launcher
 import test_train
 from hub_server import point_huggingface_hub_at
 
@@ -363,8 +363,8 @@ training.optimization.lr_warmup_steps = 2
 def train(tmp_path, *overrides):
     config = tmp_path / "tiny.py"
     config.write_text(TINY.format(data=REPO, runs=str(tmp_path / "runs")))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), *overrides],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return launcher.run([sys.executable, str(ROOT / "train.py"), str(config), *overrides],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_training_on_a_hub_dataset_writes_its_run_directory(repo, hub, tmp_path, monkeypatch):
@@ -429,8 +429,8 @@ def test_verify_of_a_bad_shard_exits_non_zero_with_one_line_naming_it(tmp_path):
     directory = write_repo(tmp_path / "repo")
     bad = directory / shard_name(2, 4)
     pq.write_table(pa.table({data.COLUMN: pa.array([row(p)[:-1] for p in range(ROWS)])}), bad)
-    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "verify", str(directory)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = launcher.run([sys.executable, str(ROOT / "data.py"), "verify", str(directory)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: {bad}: row 0 has 8 tokens, expected "
                                                   f"model.max_seq_len + 1 = 9"]

@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -14,6 +13,7 @@ import yaml
 
 import checkpoint
 import data
+import launcher
 from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
 from test_train import ROOT, TINY, losses, optimizer_state, run
@@ -63,8 +63,8 @@ def test_train_data_holds_the_rows_of_the_batch_each_checkpoint_captured_on(capt
     config, run_dir, none_dir, _ = captured_run
     for step in (0, 1, 2, 4):  # step_N: the batch of step N - 1, the last it trained on; step_0: the first
         out = config.parent / f"batch_{step}.npy"
-        subprocess.run([sys.executable, "data.py", "batch", str(config), "--step", str(max(step - 1, 0)),
-                        "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+        launcher.run([sys.executable, "data.py", "batch", str(config), "--step", str(max(step - 1, 0)),
+                      "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
         saved = datasets.load_from_disk(run_dir / "checkpoints" / f"step_{step}" / "learning_dynamics"
                                         / "train_data")
         assert saved.column_names == ["input_ids"]

@@ -1,7 +1,6 @@
 """The pico-decoder (model.py) and its Hugging Face checkpoint format (checkpoint.py)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
+import launcher
 import model as pico
 from model import KVCache, ModelConfig, PicoDecoder
 
@@ -392,9 +392,9 @@ def test_sample_py_generates_text_from_a_byte_level_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = PicoDecoder(config)
     checkpoint.export_hf(model.state_dict(), config, tmp_path)
-    result = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "def ",
-                             "--max-new-tokens", "12", "--temperature", "0"],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                            check=True)
+    result = launcher.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "def ",
+                           "--max-new-tokens", "12", "--temperature", "0"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                          check=True)
     expected = model.generate(torch.tensor([list(b"def ")]), 12, temperature=0)[0].tolist()
     assert result.stdout == data.byte_text(expected) + "\n"

@@ -3,13 +3,13 @@ learns its own training rows."""
 
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+import launcher
 import train
 from config import LossSpikeConfig
 from model import PicoDecoder
@@ -28,8 +28,8 @@ def records(run_dir, key: str) -> dict[int, dict]:
 def batch_rows(config, step: int, tmp_path) -> np.ndarray:
     """`data.py batch --step N`: the global batch that optimizer step N + 1 trained on."""
     out = tmp_path / f"batch-{step}.npy"
-    subprocess.run([sys.executable, str(ROOT / "data.py"), "batch", str(config), "--step", str(step),
-                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    launcher.run([sys.executable, str(ROOT / "data.py"), "batch", str(config), "--step", str(step),
+                  "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
     return np.load(out)
 
 

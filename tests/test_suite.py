@@ -2,7 +2,6 @@
 time plan, and the code and logs that make a run reproducible from its directory."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import data
+import launcher
 import test_hub
 import test_train
 from test_data import LAYOUT, N_ROWS, ROW_LEN, VOCAB, write_dataset
@@ -77,8 +77,8 @@ def test_data_batch_command_agrees_with_the_trainer_under_an_order_seed(tmp_path
     unseeded = data.open_dataset(str(tmp_path / "shards"), 33, 64)
     for step in (0, 3):
         out = tmp_path / f"batch_{step}.npy"
-        subprocess.run([sys.executable, "data.py", "batch", str(config), "--step", str(step), "--out",
-                        str(out)], check=True, capture_output=True, cwd=ROOT)
+        launcher.run([sys.executable, "data.py", "batch", str(config), "--step", str(step), "--out",
+                      str(out)], check=True, capture_output=True, cwd=ROOT)
         np.testing.assert_array_equal(np.load(out), consumed[step].numpy())
         assert not np.array_equal(np.load(out), unseeded.read(8 * step, 8))  # another order
 
@@ -111,10 +111,10 @@ def test_resume_under_an_order_seed_is_the_same_run(tiny):
 def demo(tmp_path_factory):
     """configs/local.py for 2 steps: checkpoints 0 and 2, with captures on its held-out rows."""
     runs = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, "train.py", "configs/local.py", "--training.max_steps=2",
-                             "--checkpointing.save_every_n_steps=2", "--checkpointing.log_spaced_until=0",
-                             "--evaluation.metrics=[]", f"--checkpointing.runs_dir={runs}"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = launcher.run([sys.executable, "train.py", "configs/local.py", "--training.max_steps=2",
+                           "--checkpointing.save_every_n_steps=2", "--checkpointing.log_spaced_until=0",
+                           "--evaluation.metrics=[]", f"--checkpointing.runs_dir={runs}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     return runs / "local", result.stdout
 
@@ -182,8 +182,8 @@ def test_a_fork_without_git_history_still_records_its_code(tiny, tmp_path):
     for path in [*ROOT.glob("*.py"), *ROOT.glob("configs/*.py")]:
         (fork / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
         (fork / path.relative_to(ROOT)).write_bytes(path.read_bytes())
-    result = subprocess.run([sys.executable, str(fork / "train.py"), str(config), "--training.max_steps=2"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = launcher.run([sys.executable, str(fork / "train.py"), str(config), "--training.max_steps=2"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| code unknown |" in result.stdout
     (copy,) = (runs / "run" / "code").iterdir()

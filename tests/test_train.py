@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import config as pico_config
 import data
+import launcher
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,16 +48,16 @@ data.tokenizer.name = None
 
 
 def run(config, *overrides, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), *overrides],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = launcher.run([sys.executable, str(ROOT / "train.py"), str(config), *overrides],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
     return result
 
 
 def start(config, *overrides):
-    return subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), str(config), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return launcher.Popen([sys.executable, "-u", str(ROOT / "train.py"), str(config), *overrides],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

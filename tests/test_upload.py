@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 import checkpoint
 import data
+import launcher
 import test_train
 import train as trainer
 from hub_server import point_huggingface_hub_at
@@ -65,10 +66,10 @@ def tiny(hub, tmp_path, monkeypatch):
 
 
 def train(config: Path, *overrides) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), str(config),
-                           "--checkpointing.save_to_hf=True",
-                           f"--checkpointing.hf_checkpoint.repo_id={REPO}", *overrides],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return launcher.run([sys.executable, str(ROOT / "train.py"), str(config),
+                         "--checkpointing.save_to_hf=True",
+                         f"--checkpointing.hf_checkpoint.repo_id={REPO}", *overrides],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def run_dir(config: Path) -> Path:
