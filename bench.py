@@ -68,14 +68,15 @@ consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory (
 CPU: the process's peak resident set, all sizes so far), and one checkpoint's evaluation-side work
 as train.Checkpoints runs it, one GPU's share in the suite (checkpoint_work: captures, evaluation
 and the probe; --val-rows the evaluation set's rows), as a share of the 1,000 steps between two
-checkpoints. Then a profiled window of steps by kind of work (KERNEL_CLASSES): device kernels on
-CUDA, with idle = wall time when no kernel runs; on CPU the ops' own (self) CPU time, with idle =
-time in no op. Kernels that run at once on two streams (DDP's all-reduce beside the backward) can
-make the shares add up to more than 100%.
+checkpoints. Then a profiled window of --rounds steps (3 at most) by kind of work (KERNEL_CLASSES):
+device kernels on CUDA, with idle = wall time when no kernel runs; on CPU the ops' own (self) CPU
+time, with idle = time in no op. Kernels that run at once on two streams (DDP's all-reduce beside
+the backward) can make the shares add up to more than 100%.
 """
 
 import argparse
 import contextlib
+import functools
 import gc
 import itertools
 import os
@@ -482,7 +483,7 @@ SUITE_GPUS = 16
 # --train: the suite's evaluation set, captured and evaluated at each checkpoint. 1,000 is the least
 # pico-lm/pretokenized-paloma-tinsy's Hub card gives (1K-10K rows): --val-rows its count.
 SUITE_EVAL_ROWS = 1000
-PROFILE_STEPS = 3  # --train: steps in the profiled window
+PROFILE_STEPS = 3  # --train: the most steps in the profiled window (--rounds, if fewer)
 # --train --attention: scaled_dot_product_attention held to one backend; "default": PyTorch's choice
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -496,6 +497,7 @@ SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": 
 DDP_GRAPHS = {"per-bucket": True, "one": False, "per-block": True}
 
 
+@functools.cache  # a step runs the same few hundred kernels thousands of times
 def kernel_class(name: str) -> str:
     return next((kind for kind, pattern in CLASS_PATTERNS.items() if pattern.search(name)), "other")
 
@@ -549,6 +551,10 @@ def profile_window(run_step, steps: int, device: torch.device) -> dict | None:
         shares[kind] += us / wall_us
     shares["idle"] = max(0.0, 1 - covered([(e.time_range.start, e.time_range.end) for e in busy]) / wall_us)
     return shares
+
+
+def profile_steps(args) -> int:
+    return min(args.rounds, PROFILE_STEPS)
 
 
 def suite_config(name: str, args, cuda: bool, micro_batch: int | None) -> Config:
@@ -707,7 +713,7 @@ def measure_train_step(name: str, label: str, args, micro_batch: int | None,
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB RSS"
     peak = train.peak_flops(env.device)
     mfu = f"{model.flops_per_token(seq_len) * tokens_per_s / peak:.1%}" if peak else "n/a"
-    shares = profile_window(run_step, PROFILE_STEPS, env.device)
+    shares = profile_window(run_step, profile_steps(args), env.device)
     work_s = checkpoint_work(config, env, model, rows, args.val_rows)
     micro_batch = config.data.dataloader.batch_size // accum
     row = [label, f"{accum} x {micro_batch} x {seq_len}", f"{step_s * 1e3:,.1f}", f"{tokens_per_s:,.0f}", mfu,
@@ -748,7 +754,7 @@ def bench_train(args):
     print("\n".join(rows))
     where = ("device kernels' time; idle: no kernel running" if env.device.type == "cuda"
              else "ops' own CPU time; idle: in no op (Python, waits)")
-    print(f"\nA profiled window of {PROFILE_STEPS} steps by kind of work, shares of its wall time "
+    print(f"\nA profiled window of {profile_steps(args)} steps by kind of work, shares of its wall time "
           f"({where}):\n")
     print("| model | " + " | ".join([*KERNEL_CLASSES, "other", "idle"]) + " |")
     print("|---|" + "---:|" * (len(KERNEL_CLASSES) + 2))
@@ -765,7 +771,8 @@ def main() -> None:
                         help="tokens per row; default 256, with --train on CUDA the suite's 2048")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (--train: compile on CPU too)")
-    parser.add_argument("--rounds", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="timed steps of each model (--train: then profiled, 3 at most)")
     parser.add_argument("--attention", nargs="+", choices=list(SDPA_BACKENDS), default=["default"],
                         help="--train: the SDPA backends to time, each size with each")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
