@@ -21,6 +21,7 @@ import checkpoint
 import data
 import launcher
 import train
+from config import Config
 from model import ModelConfig, PicoDecoder
 from test_train import ROOT, SHARD, assert_same_run, losses, run, snapshot, start
 
@@ -273,7 +274,7 @@ def test_bad_arguments_to_sample_and_data_are_one_error_line(tiny, tmp_path, scr
     assert "Traceback" not in result.stderr
 
 
-def train_on_a_hub_that_stalls(hub, tmp_path, after: str):
+def train_on_a_hub_that_stalls(hub, tmp_path, after: str, *overrides):
     """A run on the stand-in Hub (8 shards of 16 rows, one cached at a time), whose Hub stops
     answering once the run has printed `after`; the run's process, and when the Hub stalled."""
     from test_hub import REPO, TINY, write_repo
@@ -282,7 +283,7 @@ def train_on_a_hub_that_stalls(hub, tmp_path, after: str):
     config = tmp_path / "hub.py"
     config.write_text(TINY.format(data=REPO, runs=str(tmp_path / "runs")))
     proc = start(config, "--training.max_steps=16", "--data.dataset.max_cached_shards=1",
-                 "--checkpointing.save_every_n_steps=2")
+                 "--checkpointing.save_every_n_steps=2", *overrides)
     for line in proc.stdout:
         if after in line:
             break
@@ -291,11 +292,13 @@ def train_on_a_hub_that_stalls(hub, tmp_path, after: str):
 
 
 def test_a_hub_that_stops_answering_mid_run_is_one_line_within_a_minute(hub, tmp_path):
-    proc, stalled = train_on_a_hub_that_stalls(hub, tmp_path, "step 4/16")
+    assert Config().data.dataset.read_timeout <= 60  # the default; here a shorter one, to wait less
+    proc, stalled = train_on_a_hub_that_stalls(hub, tmp_path, "step 4/16", "--data.dataset.read_timeout=5")
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and time.monotonic() - stalled < 60
+    assert proc.returncode != 0 and time.monotonic() - stalled < 30
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "pico-test/tokens" in errors[0] and "Traceback" not in output, output
+    assert "after 5 s (data.dataset.read_timeout)" in errors[0]
     assert checkpoint.verify(tmp_path / "runs" / "run") == 0
 
 
