@@ -13,7 +13,7 @@ imports those itself, after its environment is set, as a fresh process would.
                           stderr=subprocess.STDOUT, text=True)
 
 take the arguments of subprocess.run and subprocess.Popen that the tests use. A run that needs
-more (a preexec_fn, `python -m`) uses subprocess itself.
+more (a preexec_fn, `python -m`) uses subprocess itself, as every run does off Linux.
 """
 
 import atexit
@@ -157,12 +157,12 @@ class Popen:
     stderr are PIPE, DEVNULL, a file, None (the tests' own) or, for stderr, STDOUT."""
 
     def __init__(self, argv, stdout=None, stderr=None, text=False, cwd=None, env=None):
-        python, *argv = list(map(str, argv))
-        unbuffered = argv[0] == "-u"
-        script, *_ = argv = argv[1:] if unbuffered else argv
-        if python != sys.executable or script.startswith("-"):
-            raise ValueError(f"launcher runs `{sys.executable} [-u] SCRIPT ...`, not {[python, *argv]}")
-        self.text, self.returncode = text, None
+        self.args, self.text, self.returncode = [str(arg) for arg in argv], text, None
+        python, *argv = self.args
+        unbuffered = argv[:1] == ["-u"]
+        argv = argv[1:] if unbuffered else argv  # SCRIPT ARGS...
+        if python != sys.executable or not argv or argv[0].startswith("-"):
+            raise ValueError(f"launcher runs `{sys.executable} [-u] SCRIPT ...`, not {self.args}")
         stdin = os.open(os.devnull, os.O_RDONLY)
         self.stdout, out = self._stream(stdout, inherited=1)
         if stderr == subprocess.STDOUT:
@@ -195,7 +195,7 @@ class Popen:
         if self.returncode is None:
             self.returncode = server().returncode(self.pid, timeout)
             if self.returncode is None:
-                raise subprocess.TimeoutExpired(self.pid, timeout)
+                raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
     def send_signal(self, signum: int):
@@ -209,12 +209,21 @@ class Popen:
         self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None):
-        """(stdout, stderr) as subprocess.Popen.communicate gives them, once the run has ended. With
-        both piped, a run that fills the stderr pipe would block: the tests pipe one of them."""
-        stdout = self.stdout.read() if self.stdout is not None else None
-        stderr = self.stderr.read() if self.stderr is not None else None
-        self.wait(timeout)
-        return stdout, stderr
+        """(stdout, stderr) as subprocess.Popen.communicate gives them: the pipes read to their end
+        and the run ended within `timeout` seconds, or TimeoutExpired."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pipes = [stream for stream in (self.stdout, self.stderr) if stream is not None]
+        output = {}
+        readers = [threading.Thread(target=lambda p=pipe: output.update({p: p.read()}), daemon=True)
+                   for pipe in pipes]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        if any(reader.is_alive() for reader in readers):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+        return output.get(self.stdout), output.get(self.stderr)
 
 
 def run(argv, capture_output=False, text=False, cwd=None, env=None, timeout=None, check=False):
@@ -241,6 +250,9 @@ def read(file, text: bool):
         content = file.read()
     return content.decode() if text else content
 
+
+if sys.platform != "linux":  # forking after torch's import, and SOCK_SEQPACKET, are Linux's
+    Popen, run = subprocess.Popen, subprocess.run
 
 if __name__ == "__main__":
     # A run leaves serve() in the forked process and goes on here, as `python SCRIPT` would go on

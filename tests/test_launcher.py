@@ -52,5 +52,7 @@ def test_a_run_killed_by_a_signal_has_minus_the_signal_as_returncode(tmp_path):
     assert proc.poll() is None
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(timeout=0.1)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.communicate(timeout=0.1)
     proc.kill()
     assert proc.wait(timeout=10) == -signal.SIGKILL
