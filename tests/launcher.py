@@ -93,6 +93,8 @@ def become(request: dict):
 # ---------------------------------------------------------------------------------------------
 
 class Server:
+    """The tests' end of the channel: asks for runs, and keeps the exits the server reports."""
+
     def __init__(self):
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())],
