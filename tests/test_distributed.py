@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import checkpoint
 import config as pico_config
 import data
 import launcher
