@@ -100,6 +100,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
 import data
+import distributed
+import evaluation
 import train
 from config import Config, load_config
 from model import SUITE, ModelConfig, PicoDecoder
@@ -343,9 +345,9 @@ def bench_probe(args, device: torch.device):
     def probe_time() -> float:
         sync()
         start = time.perf_counter()
-        train.evaluate(model, rows, probe.batch_size, device, autocast, byte_level=False)
-        train.memorization(model, rows, probe.memorization_prefix, probe.memorization_tokens,
-                           probe.batch_size, device, autocast)
+        evaluation.evaluate(model, rows, probe.batch_size, device, autocast, byte_level=False)
+        evaluation.memorization(model, rows, probe.memorization_prefix, probe.memorization_tokens,
+                                probe.batch_size, device, autocast)
         sync()
         return time.perf_counter() - start
     steps(args.warmup, None), probe_time()
@@ -424,7 +426,7 @@ def bench_scaling(args):
     config.model = ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len)
     config.training.distributed, config.training.compile = args.distributed, args.compile
     env = train.setup(config)  # as train.py sets it up: device, precision, rank
-    train.start_distributed(config, env)
+    distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp")
     rank, world_size, device = env.rank, env.world_size, env.device
     tokens = torch.randint(0, config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
 
@@ -582,7 +584,7 @@ def suite_config(name: str, args, cuda: bool, micro_batch: int | None) -> Config
 
 
 def join_group_of_one(env: train.Env):
-    """A process group of one, as train.start_distributed makes for FSDP in one process, so that
+    """A process group of one, as distributed.start makes for FSDP in one process, so that
     DDP wraps the model as in a run under torchrun --nproc_per_node=1."""
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     options = {"device_id": env.device} if backend == "nccl" else {}
@@ -612,9 +614,10 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
                     val_rows: int) -> float:
     """Seconds of one GPU's share of a checkpoint's evaluation-side work in the suite, as
     train.Checkpoints runs it on the unwrapped model (eager): the learning-dynamics captures on the
-    step's batch and on the evaluation rows, train.evaluate on those rows, then the training probe
-    (train.evaluate and train.memorization, evaluation.probe's defaults). Each rank takes its block
-    of the fixed rows (checkpoint.my_rows): here 1/SUITE_GPUS of val_rows and of the probe's."""
+    step's batch and on the evaluation rows, evaluation.evaluate on those rows, then the training
+    probe (evaluation.evaluate and evaluation.memorization, evaluation.probe's defaults). Each rank
+    takes its block of the fixed rows (distributed.my_rows): here 1/SUITE_GPUS of val_rows and of
+    the probe's."""
     cuda = env.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     seq_len, probe = config.model.max_seq_len, Config().evaluation.probe
@@ -630,12 +633,12 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
         start = time.perf_counter()
         checkpoint.learning_dynamics(model, batch, val, config.checkpointing.learning_dynamics, env.device,
                                      env.autocast)
-        train.evaluate(model, val, config.evaluation.paloma.batch_size, env.device, env.autocast,
-                       byte_level=False)
-        train.evaluate(model, probed, probe.batch_size, env.device, env.autocast, byte_level=False)
-        if memorize:  # as train.Checkpoints: only where the prefix and the decoded tokens fit
-            train.memorization(model, probed, probe.memorization_prefix, probe.memorization_tokens,
-                               probe.batch_size, env.device, env.autocast)
+        evaluation.evaluate(model, val, config.evaluation.paloma.batch_size, env.device, env.autocast,
+                            byte_level=False)
+        evaluation.evaluate(model, probed, probe.batch_size, env.device, env.autocast, byte_level=False)
+        if memorize:  # as evaluation.probe_rows: only where the prefix and the decoded tokens fit
+            evaluation.memorization(model, probed, probe.memorization_prefix, probe.memorization_tokens,
+                                    probe.batch_size, env.device, env.autocast)
         sync()
         return time.perf_counter() - start
     if cuda:  # the eager kernels' first launches (cuBLAS handles, autotuning): once a run, not a checkpoint

@@ -1,10 +1,10 @@
-"""Everything the trainer writes to disk, and reads back: the run's records (training_config.yaml,
-logs/, metrics.jsonl), its checkpoints, their Hugging Face export and learning-dynamics captures,
-and their upload to the Hub.
+"""The checkpoint format: save, verify, `latest`, load; the Hugging Face export and import; and
+the learning-dynamics captures that pico-analyze reads.
 
 A checkpoint is a directory, checkpoints/step_N/, holding:
-  config.json, model.safetensors   the Hugging Face Llama export: transformers loads it with no
-                                   custom code, and resume reads the weights back from it
+  config.json, model.safetensors   the weights: the Hugging Face Llama export, which transformers
+                                   loads with no custom code, where Llama expresses the model;
+                                   else pico's own (pico-train's) format. Resume reads them back
   optimizer/                       AdamW's state by parameter name, in torch.distributed.checkpoint's
                                    format: one file per rank that saved it, readable at any
                                    world size, by one process, DDP or FSDP; resume needs it
@@ -16,26 +16,21 @@ A checkpoint is a directory, checkpoints/step_N/, holding:
 It is written to a hidden temporary directory and renamed into place, and only then does the
 `latest` symlink move to it (an atomic rename of a new link). A kill at any moment therefore
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
-Rank 0 writes every shared file; a single process is rank 0 of a world of 1.
+Rank 0 writes every shared file; a single process is rank 0 of a world of 1. The run's other
+records (metrics.jsonl, logs, uploads) are records.py's.
 """
 
 import contextlib
 import dataclasses
-import datetime
-import fcntl
 import hashlib
 import io
 import json
-import logging
-import math
 import os
-import queue
 import random
 import re
 import shutil
-import socket
 import sys
-import threading
+import typing
 import warnings
 import zlib
 from pathlib import Path
@@ -45,71 +40,33 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import yaml
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import data
+from config import typed
+from distributed import barrier, gather_rows, my_rows, world
 from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"  # in each checkpoint: its files and their sizes, written last
-UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
-CODE = ["*.py", "configs/*.py", "requirements*.txt"]  # the project's files copied into each run
+PICO_PREFIX = "pico_decoder."  # pico-train's format: the weights' names are the modules' under it
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 
-def _describe(e: Exception) -> str:
+def describe_error(e: Exception) -> str:
     """An error's kind and the first line of its message: one line for a one-line error."""
     lines = str(e).strip().splitlines()
     return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
-def world() -> tuple[int, int]:
-    """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather_rows(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Every rank's rows of a result (rank r: counts[r] of them), concatenated in rank order,
-    which is data order: rank r holds the r-th block of rows (data.rank_slice)."""
-    if world()[0] == 1:
-        return mine
-    padded = mine.new_zeros(max(counts), *mine.shape[1:])  # all_gather: equal sizes
-    padded[:len(mine)] = mine
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
-
-
-def my_rows(rows):
-    """This rank's block of fixed rows (evaluation, probe, captures: data.rank_slice) and every
-    rank's number of rows, which gather_rows takes to put the results back in data order."""
-    world_size, rank = world()
-    blocks = [data.rank_slice(len(rows), world_size, r) for r in range(world_size)]
-    return rows[blocks[rank]], [b.stop - b.start for b in blocks]
-
-
-def any_rank(flag: bool, group) -> bool:
-    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
-    if world()[0] == 1:
-        return flag
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return bool(votes.item())
-
-
-# The Hugging Face Llama format ---------------------------------------------------------------
+# The weights and config.json: the Hugging Face Llama export, or pico's own format ------------
 
 def _hf_names(n_layers: int) -> dict[str, str]:
-    """Our parameter name -> transformers' LlamaForCausalLM name."""
+    """Our parameter name -> transformers' LlamaForCausalLM name: the export's map. A model variant
+    that the export should cover adds its modules here (and its config fields to HF_FIELDS)."""
     per_layer = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm",
                  **{f"attention.{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
                  "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj", "swiglu.w_2": "mlp.down_proj"}
@@ -133,6 +90,7 @@ def _reorder_rope_rows(state: dict[str, torch.Tensor], config: ModelConfig, to_h
 
 
 # A Llama config.json's field for each of ours (pico-train's uses ours); head_dim is only checked.
+# Every format has these; a ModelConfig field not here is a variant's, which Llama cannot express.
 HF_FIELDS = {"d_model": "hidden_size", "activation_hidden_dim": "intermediate_size",
              "n_layers": "num_hidden_layers", "attention_n_heads": "num_attention_heads",
              "attention_n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
@@ -152,7 +110,25 @@ def hf_config(config: ModelConfig) -> dict:
             "torch_dtype": "float32"}
 
 
+def beyond_llama(config: ModelConfig) -> list[str]:
+    """What makes this model one that transformers' Llama does not compute, as "model.field=value":
+    the fields that a Llama config.json has no key for (a variant's, in model.py) and that are off
+    their defaults, which are the Llama architecture. None: the Llama export holds the model."""
+    return [f"model.{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+            if f.name not in HF_FIELDS and getattr(config, f.name) != f.default]
+
+
 def export_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path):
+    """config.json and model.safetensors: the Hugging Face Llama export where Llama expresses the
+    model (transformers loads it as is); else pico's own format, pico-train's: model_type
+    "pico_decoder" with every ModelConfig field, the weights under "pico_decoder." and their module
+    names, which PicoDecoder.from_pretrained loads and transformers cannot (no custom code is shipped)."""
+    if beyond_llama(config):
+        (directory / "config.json").write_text(json.dumps(
+            {"model_type": "pico_decoder", **dataclasses.asdict(config)}, indent=2) + "\n")
+        save_file({PICO_PREFIX + name: w.detach().to("cpu", torch.float32).contiguous() for name, w in state.items()},
+                  directory / "model.safetensors", metadata={"format": "pt"})
+        return
     names = _hf_names(config.n_layers)
     ours = {name: state[name].detach().to("cpu", torch.float32) for name in names}
     halves = _reorder_rope_rows(ours, config, to_halves=True)
@@ -166,9 +142,11 @@ def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama"
     (save_pretrained splits a big model so). Every weight must be there with its shape, and no other
     parameter (a weight or bias the decoder would drop computes something else); buffers, such as
     older Llamas' rotary inv_freq, are derived and skipped. Errors name the tensor and its file."""
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = {k: v.shape for k, v in PicoDecoder(config).state_dict().items()}
     names, ignored = _hf_names(config.n_layers), set()
     if model_type == "pico_decoder":  # pico-train's: our names under "pico_decoder.", RoPE as ours
-        names = {ours: "pico_decoder." + ours for ours in names}
+        names = {ours: PICO_PREFIX + ours for ours in shapes}
     elif tied:  # the output projection is the embedding, often with no lm_head tensor at all: untied
         # weights that start equal compute exactly what the tied model does (training unties them)
         names["de_embedding_proj.weight"], ignored = "model.embed_tokens.weight", {"lm_head.weight"}
@@ -181,7 +159,7 @@ def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama"
             weight_map = json.loads(index.read_text())["weight_map"]
             origin = {name: directory / file for name, file in weight_map.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: cannot be read ({_describe(e)}); expected "
+            raise CheckpointError(f"{index}: cannot be read ({describe_error(e)}); expected "
                                   f"a weight_map of tensor name -> file") from None
         files, listing = sorted(set(origin.values())), index
     else:
@@ -192,11 +170,9 @@ def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama"
         try:
             part = load_file(path)
         except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"{path}: cannot be read ({_describe(e)})") from None
+            raise CheckpointError(f"{path}: cannot be read ({describe_error(e)})") from None
         tensors |= part
         origin = {**dict.fromkeys(part, path), **origin}
-    with torch.device("meta"):  # shapes only, no memory
-        shapes = {k: v.shape for k, v in PicoDecoder(config).state_dict().items()}
     state = {}
     for ours, theirs in names.items():
         w = tensors.get(theirs)
@@ -213,10 +189,13 @@ def read_weights(directory: Path, config: ModelConfig, model_type: str = "llama"
     return state if model_type == "pico_decoder" else _reorder_rope_rows(state, config, to_halves=False)
 
 
-def _model_config(cfg: dict, source: str) -> ModelConfig:
-    """The decoder's shape from a config.json, pico-train's (our field names) or a Llama's (HF_FIELDS).
-    A shape the decoder cannot have is refused naming the checkpoint's field: heads that do not
-    divide d_model, ...; in a Llama also biases, another activation, scaled RoPE, its own head_dim."""
+def model_config(cfg: dict, source: str) -> ModelConfig:
+    """The decoder's config from a config.json: pico's own format (pico-train's and a variant's:
+    our field names) or a Llama's (HF_FIELDS). The fields of HF_FIELDS are required in both; any
+    other (a variant's) is read where the file has it, else its default, which is what a Llama is.
+    Each value is checked against its ModelConfig type. A shape the decoder cannot have is refused
+    naming the checkpoint's field: heads that do not divide d_model, ...; in a Llama also biases,
+    another activation, scaled RoPE, its own head_dim."""
     llama = cfg.get("model_type") == "llama"
     if not llama and cfg.get("model_type") != "pico_decoder":
         raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, expected 'llama' "
@@ -230,16 +209,17 @@ def _model_config(cfg: dict, source: str) -> ModelConfig:
     elif cfg.get("attention_n_kv_heads", 0) is None:  # pico-train's null: one KV head per head
         cfg = {**cfg, "attention_n_kv_heads": cfg.get("attention_n_heads")}
     fields = HF_FIELDS if llama else {}
-    values = {}
+    hints, values = typing.get_type_hints(ModelConfig), {}
     for field in dataclasses.fields(ModelConfig):
-        key, kind = fields.get(field.name, field.name), type(field.default)
-        if key not in cfg:
-            raise CheckpointError(f"{source}: field {key} is missing")
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
-            raise CheckpointError(f"{source}: {key}={json.dumps(value)}: expected "
-                                  f"{'an integer' if kind is int else 'a number'}")
-        values[field.name] = kind(value)
+        key, required = fields.get(field.name, field.name), field.name in HF_FIELDS
+        if key not in cfg or llama and not required:
+            if required:
+                raise CheckpointError(f"{source}: field {key} is missing")
+            continue  # a variant's field: Llama has no such key, pico-train's configs predate it
+        try:
+            values[field.name] = typed(cfg[key], hints[field.name])
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {key}={json.dumps(cfg[key])}: {e}") from None
     config = ModelConfig(**values)
     if problems := config.problems():
         raise CheckpointError(f"{source}: " + re.sub(r"model\.(\w+)", lambda m: fields.get(m[1], m[1]),
@@ -307,10 +287,10 @@ def read_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({_describe(e)})") from None
+        raise CheckpointError(f"{cfg_path}: cannot be read ({describe_error(e)})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object of config fields")
-    config = _model_config(cfg, str(cfg_path))
+    config = model_config(cfg, str(cfg_path))
     tied = cfg.get("tie_word_embeddings", False)
     return config, read_weights(directory, config, cfg["model_type"], tied), name
 
@@ -446,19 +426,6 @@ def write_learning_dynamics(directory: Path, captures: dict):
                 torch.save(tensors, directory / f"{split}_{kind}.pt")
 
 
-def save_spike(directory: Path, spike: dict, captures: dict):
-    """spikes/step_N/: spike.json (the step, its loss, the window's mean and standard deviation,
-    the global row positions of its batch) and the captures of its batch in learning_dynamics/,
-    in the layout of a checkpoint's. Written aside and renamed: there whole, or not at all."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_learning_dynamics(tmp / "learning_dynamics", captures)
-    (tmp / "spike.json").write_text(json_line(spike))
-    shutil.rmtree(directory, ignore_errors=True)  # the same step again, after a resume
-    os.replace(tmp, directory)
-
-
 # Training checkpoints ------------------------------------------------------------------------
 
 def save_array(path: Path, array: np.ndarray):
@@ -554,7 +521,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
         previous = latest_checkpoint(checkpoints_dir)
         needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
-        raise CheckpointError(f"{tmp}: could not be written ({_describe(e)}); "
+        raise CheckpointError(f"{tmp}: could not be written ({describe_error(e)}); "
                               f"{shutil.disk_usage(checkpoints_dir).free:,} bytes free, the last "
                               f"checkpoint took {needed:,}: free space, then re-run to resume") from None
     return final
@@ -637,7 +604,7 @@ def check_complete(directory: Path, checksums: bool = True) -> dict:
         files, crcs = manifest["files"], manifest.get("crc32", {}) if checksums else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest_path}: incomplete checkpoint, manifest unreadable "
-                              f"({_describe(e)})") from None
+                              f"({describe_error(e)})") from None
     for name, size in files.items():
         path = directory / name
         actual = path.stat().st_size if path.exists() else None
@@ -654,12 +621,16 @@ def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
     """Every part of a checkpoint that can be read before the model exists, so that a damaged one
     is named before anything is built or written. restore_checkpoint reads the optimizer's shards."""
     manifest = check_complete(directory)
-    state = {"model": read_weights(directory, config)}
+    try:  # which of the two formats export_hf wrote
+        model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({describe_error(e)})") from None
+    state = {"model": read_weights(directory, config, model_type)}
     path = directory / "training_state.pt"
     try:
         state.update(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # torch raises many kinds of errors for a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({_describe(e)})") from None
+        raise CheckpointError(f"{path}: cannot be read ({describe_error(e)})") from None
     if not any(name.startswith("optimizer/") for name in manifest["files"]):
         raise CheckpointError(f"{directory}: holds no optimizer state (checkpointing."
                               f"keep_last_n_optimizer_states dropped it); expected optimizer/")
@@ -674,7 +645,7 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
         _dcp(dcp.load, optimizer_state, directory / "optimizer")
     except (Exception, dcp.api.CheckpointException) as e:  # a damaged shard, another model; the
         # latter is a BaseException, which `except Exception` would let through as a traceback
-        raise CheckpointError(f"{directory / 'optimizer'}: cannot be read ({_describe(e)})") from None
+        raise CheckpointError(f"{directory / 'optimizer'}: cannot be read ({describe_error(e)})") from None
     set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
@@ -684,297 +655,6 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():  # saved on a node that may have had more GPUs
         torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
-
-
-# The run's records: training_config.yaml, logs/, metrics.jsonl -------------------------------
-
-class Records:
-    """What rank 0 records: training_config.yaml (as pico-analyze reads it), the log, metrics.jsonl
-    (mirrored to Weights & Biases with monitoring.save_to_wandb), and the code of each start in
-    code/TIME/ (TIME: its log's), so a fork without git history can still be reproduced. Other
-    ranks log trouble only. A resumed run replays the steps after its checkpoint: their old
-    records, and their loss spikes' captures, are dropped first; and where the checkpoint is not
-    `evaluated` (so the run evaluates it again), the records of its evaluation."""
-
-    def __init__(self, run_dir: Path, config, start_step: int, evaluated: bool = True):
-        self.metrics, self.wandb = (run_dir / "metrics.jsonl" if world()[1] == 0 else None), None
-        if self.metrics is None:
-            self.log = logging.getLogger(f"pico.rank{world()[1]}")
-            self.log.setLevel(logging.WARNING)
-            return
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-        (run_dir / "training_config.yaml").write_text(resolved)
-        if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
-            kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) < start_step
-                    or _step_of(line) == start_step and (evaluated or not _is_evaluation(line))]
-            write_atomically(self.metrics, "".join(line + "\n" for line in kept))
-        for spike in (run_dir / "spikes").glob("step_*"):
-            if int(spike.name[len("step_"):]) > start_step:
-                shutil.rmtree(spike)
-        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        self.log = run_log(run_dir, config.monitoring.logging.log_level, stamp)
-        root = Path(__file__).resolve().parent
-        for path in [p for pattern in CODE for p in root.glob(pattern)]:
-            copy = run_dir / "code" / stamp / path.relative_to(root)
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, copy)
-        if config.monitoring.save_to_wandb:
-            self.wandb = self._start_wandb(config)
-
-    def _start_wandb(self, config):
-        """A wandb run with the run name's id, which a resumed run continues; or None, with a
-        warning, where wandb is missing or cannot start (no network, no login): the run goes on."""
-        name, wandb_config = config.checkpointing.run_name, config.monitoring.wandb
-        try:
-            import wandb
-
-            return wandb.init(project=wandb_config.project or None, entity=wandb_config.entity or None,
-                              name=name, id="".join(c if c.isalnum() or c in "-_" else "-" for c in name),
-                              resume="allow", config=dataclasses.asdict(config),
-                              settings=wandb.Settings(init_timeout=60))
-        except ImportError:
-            why = "wandb is not installed (pip install wandb)"
-        except Exception as e:
-            why = f"wandb did not start ({_describe(e)})"
-        self.log.warning(f"monitoring.save_to_wandb: {why}; metrics go to metrics.jsonl only")
-
-    def write(self, record: dict):
-        """One record of metrics.jsonl: a JSON object with its "step"."""
-        if self.metrics is None:
-            return
-        try:
-            with open(self.metrics, "a") as f:
-                f.write(json_line(record))  # one write: a crash leaves at most one partial line
-        except OSError as e:  # a full disk: one line, and the next start drops a partial record
-            raise CheckpointError(f"{self.metrics}: cannot be written ({e.strerror or _describe(e)}); "
-                                  f"free space, then re-run the same command to resume") from None
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics.jsonl record; infinity for a line that is no record."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def _is_evaluation(line: str) -> bool:
-    """Whether a record is a checkpoint's evaluation: its keys paloma_* or probe/*."""
-    return any(key.startswith(("paloma_", "probe/")) for key in json.loads(line))
-
-
-def json_line(record: dict) -> str:
-    """A record as one line of strict JSON, where a value that is not finite (a diverged perplexity)
-    is the string "Infinity", "NaN", ...: Python's float() and JavaScript's Number() read it."""
-    def strict(value):
-        if isinstance(value, dict):  # eval_results' perplexity per source, the probe's groups
-            return {key: strict(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [strict(item) for item in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value).replace("inf", "Infinity").replace("nan", "NaN")
-        return value
-    return json.dumps(strict(record), allow_nan=False) + "\n"
-
-
-def lock_run_directory(run_dir: Path, start_over: bool):
-    """Hold the run directory (rank 0, for the job's life; the returned file must stay open): a
-    second training on it is refused, naming the holder. The kernel's lock (flock) dies with its
-    process, so a killed one never blocks a resume. start_over: the old run moves to previous_TIME/."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / ".lock", "a+")
-    except OSError as e:
-        raise CheckpointError(f"checkpointing.runs_dir: cannot make {run_dir} "
-                              f"({e.strerror or _describe(e)}); expected a writable directory") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        raise CheckpointError(f"{run_dir}: in use by {holder}; expected one training per run "
-                              f"directory: wait for it, or use another checkpointing.run_name")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}"
-               f" since {datetime.datetime.now():%Y-%m-%d %H:%M}\n")
-    lock.flush()
-    if start_over:
-        aside = run_dir / f"previous_{datetime.datetime.now():%Y%m%d_%H%M%S}"
-        aside.mkdir()
-        for name in ("checkpoints", "eval_results", "spikes", "logs", "metrics.jsonl", UPLOADS,
-                     "training_config.yaml"):
-            if (run_dir / name).exists():
-                os.replace(run_dir / name, aside / name)
-    return lock
-
-
-def run_log(run_dir: Path, level: str, stamp: str | None = None) -> logging.Logger:
-    """The run's log: stdout, and a file of its own in logs/ for each start of the run."""
-    log = logging.getLogger("pico")
-    log.setLevel(level)
-    log.handlers.clear()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(run_dir / "logs" / f"log_{stamp}.log", encoding="utf-8")):
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-    return log
-
-
-# Upload to the Hub ---------------------------------------------------------------------------
-
-def read_uploads(run_dir: Path) -> dict[str, list[int]]:
-    """run_dir/uploads.json: {"pending": [steps queued, not yet on the Hub], "uploaded": [...]}."""
-    path = Path(run_dir) / UPLOADS
-    try:
-        record = json.loads(path.read_text())
-        return {"pending": list(record["pending"]), "uploaded": list(record["uploaded"])}
-    except FileNotFoundError:
-        return {"pending": [], "uploaded": []}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({_describe(e)}); expected "
-                              f'{{"pending": [steps], "uploaded": [steps]}}') from None
-
-
-class HubUploader:
-    """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id` as
-    pico-train does, with the tokenizer, metrics.jsonl and the logs; with upload_optimizer also the
-    optimizer and training state, at their paths in step_N/, so the branch resumes as a checkpoint.
-    One background thread uploads, so a training step never waits for the network. A step is
-    pending in uploads.json from before it is queued until all its commits are made, so one that a
-    crash or an outage left pending is queued again at the next start. A commit is tried `attempts`
-    times, `retry_delay` seconds apart, then twice that, ...; a step that still fails is logged
-    once and stays pending. Nothing here raises into the training loop or prints the token."""
-
-    def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
-                 retry_delay: float = 10.0, upload_optimizer: bool = False):
-        self.run_dir, self.repo_id, self.branch, self.log = Path(run_dir), repo_id, branch, log
-        self.attempts, self.retry_delay, self.upload_optimizer = attempts, retry_delay, upload_optimizer
-        self.record = read_uploads(self.run_dir)  # and uploads.json, rewritten at each change
-        self.lock = threading.Lock()  # around the record: the loop adds steps, the thread moves them
-        self.queue: queue.Queue[int | None] = queue.Queue()
-        self.given_up = threading.Event()  # set by close() when its wait runs out
-        self.repo_ready = False  # the repo and the branch exist
-        self.committed: dict[str, bytes] = {}  # path in the repo -> sha256 of what we last put there
-        if left := self.record["pending"]:
-            log.info(f"upload: steps {left}, left pending by an earlier run, are queued first")
-        for step in left:
-            self.queue.put(step)
-        # train_data/'s .arrow file belongs in the model repo, where pico-train puts it too
-        warnings.filterwarnings("ignore", message="It seems that you are about to commit a data file")
-        self.thread = threading.Thread(target=self._work, name="hub upload", daemon=True)
-        self.thread.start()
-
-    def submit(self, step: int):
-        """Queue checkpoint `step` (saved, and evaluated if evaluation is on), unless it is already."""
-        with self.lock:
-            if step in self.record["pending"] + self.record["uploaded"]:
-                return
-            self.record["pending"].append(step)
-            self._write()
-        self.queue.put(step)
-
-    def close(self, timeout: float = 600.0):
-        """Wait up to `timeout` seconds for the queued uploads; what is left stays pending."""
-        self.queue.put(None)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.given_up.set()
-            self.log.warning(f"upload: still not done after {timeout:g} s; steps "
-                             f"{self.record['pending']} stay pending in "
-                             f"{self.run_dir / UPLOADS} and are uploaded at the next start")
-
-    def _write(self):
-        record = {"repo_id": self.repo_id, "branch": self.branch, **self.record}
-        write_atomically(self.run_dir / UPLOADS, json.dumps(record) + "\n")
-
-    def _work(self):
-        while (step := self.queue.get()) is not None:
-            try:
-                n_commits = self._upload(step)
-                with self.lock:
-                    self.record["pending"].remove(step)
-                    self.record["uploaded"].append(step)
-                    self._write()
-                self.log.info(f"uploaded step {step} to {self.repo_id}@{self.branch} ({n_commits} commits)")
-            except Exception as e:  # whatever went wrong, training goes on and the step stays pending
-                if not self.given_up.is_set():  # else close() has said what is left
-                    reason = data.without_token(_describe(e))  # should a server echo the token
-                    self.log.warning(f"upload of step {step} to {self.repo_id}@{self.branch} failed "
-                                     f"({reason}); it stays pending in "
-                                     f"{self.run_dir / UPLOADS} for the next start")
-
-    def _upload(self, step: int) -> int:
-        """Commit checkpoint `step`, one commit per kind of file; how many. pico-analyze's --repo_id
-        mode finds a step by its titles: r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
-        directory = self.run_dir / "checkpoints" / f"step_{step}"
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory} does not exist")
-        commits = {f"Saving HF Model -- Step {step}": {
-            "config.json": directory / "config.json",
-            "model.safetensors": directory / "model.safetensors",
-            "training_config.yaml": self.run_dir / "training_config.yaml",
-            **{name: directory / name for name in data.TOKENIZER_FILES if (directory / name).exists()}}}
-        dynamics = directory / "learning_dynamics"
-        for split in ("train", "val"):  # each with its rows' directory where there is one (train_data/)
-            files = sorted([*dynamics.glob(f"{split}_*.pt"), *dynamics.glob(f"{split}_data/*")])
-            commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
-                p.relative_to(directory).as_posix(): p for p in files}
-        results = [self.run_dir / "eval_results" / f"step_{step}{end}"
-                   for end in (".json", "_rows.npy", "_probe.npy")]
-        commits[f"Saving Evaluation Results -- Step {step}"] = {
-            f"eval_results/{p.name}": p for p in results if p.exists()}
-        spikes = {p.relative_to(self.run_dir).as_posix(): p
-                  for p in sorted((self.run_dir / "spikes").glob("step_*/**/*")) if p.is_file()
-                  and int(p.relative_to(self.run_dir / "spikes").parts[0][len("step_"):]) <= step}
-        commits[f"Saving Loss Spikes -- Step {step}"] = {  # those since the last checkpoint's commit
-            path: p for path, p in spikes.items() if path not in self.committed}
-        logs = [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "logs").glob("*.log"))]
-        commits[f"Saving Logs -- Step {step}"] = {
-            p.relative_to(self.run_dir).as_posix(): p for p in logs if p.exists()}
-        if self.upload_optimizer and (directory / "optimizer").is_dir():
-            state = [directory / MANIFEST, directory / "training_state.pt",
-                     *(directory / "optimizer").iterdir()]
-            commits[f"Saving Training State -- Step {step}"] = {
-                p.relative_to(directory).as_posix(): p for p in state}
-        commits = {title: files for title, files in commits.items() if files}  # a kind without files: none
-        for title, files in commits.items():
-            for attempt in range(self.attempts):
-                try:
-                    self._commit(title, files)
-                    break
-                except Exception:
-                    if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
-                        raise
-        return len(commits)
-
-    def _commit(self, title: str, files: dict[str, Path]):
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-        api = HfApi()
-        if not self.repo_ready:  # once per run, as pico-train's initialize_hf_checkpointing
-            # A repo id without a namespace is the user's: the rest of the API needs the full one.
-            self.repo_id = api.create_repo(self.repo_id, exist_ok=True).repo_id
-            api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
-            self.repo_ready = True
-        adds = [CommitOperationAdd(path, str(local)) for path, local in files.items()]
-        deletes = []
-        if all(self.committed.get(op.path_in_repo) == op.upload_info.sha256 for op in adds):
-            # The bytes of the last commit (checkpoint 1 is checkpoint 0 when the first step's
-            # learning rate is 0): huggingface_hub would skip the commit, and pico-analyze find
-            # no commit for this step. Files deleted and added again in one commit are committed.
-            deletes = [CommitOperationDelete(op.path_in_repo) for op in adds]
-        api.create_commit(self.repo_id, deletes + adds, commit_message=title, revision=self.branch)
-        self.committed.update({op.path_in_repo: op.upload_info.sha256 for op in adds})
 
 
 def verify(path: Path) -> int:

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import torch
 import yaml
 
-from model import ModelConfig
+from model import CAPTURED_BY_DEFAULT, ModelConfig, PicoDecoder
 
 
 class ConfigError(Exception):
@@ -103,8 +103,7 @@ class HuggingFaceCheckpointingConfig:
 
 @dataclass(slots=True)
 class LearningDynamicsCheckpointingConfig:
-    layer_suffixes: list[str] = field(  # modules captured in every layer, by their names' ends (model.py)
-        default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
+    layer_suffixes: list[str] = field(default_factory=lambda: list(CAPTURED_BY_DEFAULT))  # model.py's names
     layers: list[int] | None = None  # None: every layer
     sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
     batch_size: Positive = 8  # sub-batch of the capture's forward/backward; never changes the result
@@ -280,6 +279,15 @@ def _conform(value, hint):
     return value if isinstance(value, hint) else _NO
 
 
+def typed(value, hint):
+    """value as the type `hint` (an int where a float is expected); ValueError naming what that
+    type accepts where it is not of it."""
+    conformed = _conform(value, hint)
+    if conformed is _NO:
+        raise ValueError(f"expected {describe(hint)}")
+    return conformed
+
+
 def describe(hint) -> str:
     """What a field of type `hint` accepts, in words: 'a positive integer', "'ddp' or 'fsdp'"."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -387,19 +395,33 @@ def validate(config: Config, world_size: int):
         raise ConfigError(problems[0])
 
 
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The name and shape of every weight and buffer of the model (its RoPE tables fix the rows'
+    length): what must stay the same for a checkpoint to resume. The model itself declares them."""
+    with torch.device("meta"):
+        model = PicoDecoder(config)
+    return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def check_resume_compatible(config: Config, saved_path: Path):
-    """A run resumes only under the model shape, global batch and data order of its
-    training_config.yaml (read as plain YAML, so a run saved by a pico with other config keys
-    still resumes; one saved before data.order_seed existed had order 0)."""
+    """A run resumes only under the model's tensor shapes, global batch and data order of its
+    training_config.yaml; other model fields (norm_eps, ...) may change, as the lr may. Read as
+    plain YAML, so a run saved by a pico with other config keys still resumes: a model field it
+    lacks had its default, and one saved before data.order_seed existed had order 0."""
     try:
         saved = yaml.safe_load(saved_path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        saved_model = {f.name: saved["model"][f.name] for f in dataclasses.fields(ModelConfig)
+                       if f.name in saved["model"]}
+        old_shapes = tensor_shapes(ModelConfig(**saved_model))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]  # YAML's errors span several lines
         raise ConfigError(f"{saved_path}: cannot be read ({first}); expected the config of the run "
                           f"being resumed") from None
     differ = []
-    keys = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + ["data.dataloader.batch_size"]
-    for key in keys + ["data.order_seed"]:
+    if old_shapes != tensor_shapes(config.model):  # named by the fields that differ
+        differ = [f"model.{name} (run: {old!r}, new config: {getattr(config.model, name)!r})"
+                  for name, old in saved_model.items() if old != getattr(config.model, name)]
+    for key in ["data.dataloader.batch_size", "data.order_seed"]:
         old, new = saved, config
         for part in key.split("."):
             old, new = old.get(part) if isinstance(old, dict) else None, getattr(new, part)

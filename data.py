@@ -436,12 +436,6 @@ def rank_rows(step: int, global_batch: int, world_size: int, rank: int) -> tuple
     return step * global_batch + rank * per_rank, per_rank
 
 
-def rank_slice(n: int, world_size: int, rank: int) -> slice:
-    """This rank's contiguous block of n fixed rows (evaluation, captures): in rank order the
-    blocks are the rows in order, so gathering results across ranks is a concatenation."""
-    return slice(rank * n // world_size, (rank + 1) * n // world_size)
-
-
 class BatchStream:
     """This rank's rows of each step from start_step on, read ahead in a background thread so
     the accelerator never waits on Parquet decoding. At most `prefetch` steps are held."""
@@ -587,6 +581,20 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
     else:
         directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
     return EvalRows([read_rows(path, max_row_len, vocab_size) for path in list_shards(directory, key)])
+
+
+class EvalSets:
+    """The fixed evaluation sets a run reads at start (load_eval_set), each once however many use
+    it: Paloma's and the val captures' are the same set by default."""
+
+    def __init__(self, max_row_len: int, vocab_size: int, seed: int = 0):
+        self.args, self.read_sets = (max_row_len, vocab_size, seed), {}
+
+    def read(self, name: str, split: str, key: str) -> EvalRows:
+        """The rows of `split` of `name`; key: the config key that named it, for errors."""
+        if (name, split) not in self.read_sets:
+            self.read_sets[name, split] = load_eval_set(name, split, *self.args, key=key)
+        return self.read_sets[name, split]
 
 
 # The embedded corpus: the offline demo's data, built from this Python's standard library -------

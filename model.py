@@ -4,6 +4,11 @@ Pre-norm residual blocks of grouped-query attention and a SwiGLU MLP, RMSNorm co
 float32, rotary position embeddings on interleaved pairs, untied input and output embeddings,
 no biases. Module names and initialisation are pico-train's, so a run here is the same model as
 the published pico-decoder suite and pico-analyze finds the layers it looks for.
+
+A model variant lives here alone: its class beside the others and a ModelConfig field that picks
+it. The rest of the trainer reads the model's own module names, tensor shapes and fields. A field
+at a value other than its default is one transformers' Llama cannot express, and the checkpoints
+are then saved in pico's own format (checkpoint.export_hf) unless checkpoint.py's name map learns it.
 """
 
 import math
@@ -51,6 +56,10 @@ class ModelConfig:
                          f"of model.attention_n_kv_heads={self.attention_n_kv_heads}")
         return found
 
+
+# The linear layers whose learning dynamics every checkpoint captures in each layer, by the end
+# of their module names (pico-train's default; checkpointing.learning_dynamics.layer_suffixes).
+CAPTURED_BY_DEFAULT = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 
 # The pico-decoder suite (pico-train's recipe): only the width changes.
 SUITE = {
@@ -118,14 +127,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer_idx=0):
+    def project(self, x, cos, sin):
+        """Queries, keys and values of x, RoPE applied to q and k. Heads first, [B, heads, T,
+        head_dim]: the layout SDPA works in, so RoPE writes q and k contiguous in it and the kernel
+        needs no copy."""
         B, T, _ = x.shape
-        # Heads first, [B, heads, T, head_dim]: the layout SDPA works in, so RoPE writes q and k
-        # contiguous in it and the kernel needs no copy.
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def probabilities(self, x, cos, sin):
+        """The attention probabilities [B, heads, T, T] (float32) of x without a cache: what SDPA
+        computes inside its fused kernel and never stores, written out for analysis. Query head h
+        reads KV head h // (heads / KV heads), as enable_gqa maps them."""
+        q, k, _ = self.project(x, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, -math.inf).softmax(dim=-1)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
 
         n_past = 0
         if kv_cache is not None:
@@ -211,6 +236,22 @@ class PicoDecoder(nn.Module):
                 x = layer(x, cos, sin, kv_cache, i)
         logits = self.de_embedding_proj(self.output_norm(x))
         return logits, None if labels is None else self.next_token_loss(logits, labels)
+
+    def with_attention(self, input_ids, labels=None, *, each):
+        """forward(input_ids, labels), which also hands each layer's attention probabilities
+        [B, heads, T, T] (Attention.probabilities) to each(layer index, probabilities) as that layer
+        runs, so one layer's are held at a time. For analysis: training's forward takes SDPA's
+        fused kernel alone and never forms them."""
+        index = {block.attention: i for i, block in enumerate(self.layers)}
+
+        def hook(attention, args, output):  # args: what the block passed, (x, cos, sin, ...)
+            each(index[attention], attention.probabilities(*args[:3]))
+        hooks = [block.attention.register_forward_hook(hook) for block in self.layers]
+        try:
+            return self(input_ids, labels)
+        finally:
+            for handle in hooks:
+                handle.remove()
 
     @staticmethod
     def next_token_loss(logits, labels):

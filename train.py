@@ -5,6 +5,9 @@
 
 Re-running the same command resumes from runs/RUN/checkpoints/latest; SIGTERM or Ctrl-C saves a
 checkpoint at the current step and exits 0. The config is config.py's; README.md has its reference.
+
+Each rare path is a call into the file that owns it: distributed.py, checkpoint.py, evaluation.py
+(what is measured on each checkpoint) and records.py (metrics.jsonl, the log, the uploads).
 """
 
 import collections
@@ -14,7 +17,6 @@ import datetime
 import math
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,15 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import data
+import distributed
+import evaluation
 from config import Config, ConfigError, check_resume_compatible, load_config, validate
-from model import PicoDecoder, rope_tables
+from model import PicoDecoder
+from records import Records, hub_uploader, lock_run_directory, log_plan, read_uploads, run_log, save_spike
 
 try:  # FSDP2: public from torch 2.6, under torch.distributed._composable in 2.5
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -50,29 +53,29 @@ def main(argv: list[str]) -> int:
     env = setup(config)
     run = open_run(config, env)  # what the run starts from, read whole: nothing is written yet
     max_steps, seq_len = config.training.max_steps, config.model.max_seq_len
-    if run.start_step > max_steps or run.start_step == max_steps and evaluated(config, run):
+    if run.start_step > max_steps or run.start_step == max_steps and evaluation.evaluated(run.dir, max_steps):
+        return already_done(config, run, env)  # before any data is opened
+    shards, measures, ld_rows = open_data(config, env, run)
+    if run.start_step == max_steps and measures.done(max_steps):  # nothing to measure either
         return already_done(config, run, env)
-    shards, eval_rows, ld_rows, probe = open_data(config, env, run)
 
     # Several processes: join the others. Every rank has read and checked the same config, data
     # and checkpoint, so a bad input has already stopped them all, each with the same line.
-    flags = start_distributed(config, env)
+    flags = distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp")
     batches = data.BatchStream(shards, config.data.dataloader.batch_size, env.world_size, env.rank,
                                run.start_step, max_steps, pin_memory=env.device.type == "cuda",
                                timeout=config.data.dataset.read_timeout)
     if env.rank == 0:  # all read and checked, the first batch too: the run directory is now this job's
-        run.lock = checkpoint.lock_run_directory(run.dir, run.start_over)
+        run.lock = lock_run_directory(run.dir, run.start_over)
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
-    checkpoint.barrier()  # every rank has read the run directory before rank 0 writes to it
-    records = checkpoint.Records(run.dir, config, run.start_step, evaluated(config, run))  # the first write
-    progress = Progress(config, env, run, model, records, shards, eval_rows)  # logs the first lines
+    distributed.barrier()  # every rank has read the run directory before rank 0 writes to it
+    records = Records(run.dir, config, run.start_step, measures.done(run.start_step))  # the first write
+    progress = Progress(config, env, run, model, records, shards, measures)  # logs the first lines
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
-    saver = Checkpoints(config, env, run, model, optimizer, scheduler, eval_rows, ld_rows, probe, finite,
-                        records)
-    spikes = saver.spikes
+    saver = Checkpoints(config, env, run, model, optimizer, scheduler, measures, ld_rows, finite, records)
     if env.rank == 0:
-        log_plan(records.log, config, run, model, progress.checkpoints, ld_rows, saver.tokenizer)
-    layer_stats = LayerStats(model) if config.monitoring.logging.layer_stats else None
+        log_plan(records.log, config, run.dir, model, progress.checkpoints, ld_rows, saver.tokenizer)
+    spikes, layer_stats = saver.spikes, LayerStats(model) if config.monitoring.logging.layer_stats else None
     accum = config.training.optimization.gradient_accumulation_steps
     log_every = config.monitoring.logging.log_every_n_steps
     try:
@@ -114,17 +117,16 @@ def main(argv: list[str]) -> int:
                 progress.log(done, loss, lr, grad_norm, layer_stats.after(before) if layer_stats else {})
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
-            stopping = checkpoint.any_rank(stop.received is not None, flags)
+            stopping = distributed.any_rank(stop.received is not None, flags)
             if is_checkpoint_step(done, config) or stopping:
                 with progress.paused():
                     saver.save(done, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
                     return stop.stopped(done, records.log)
-        # The ranks finish together, before rank 0 waits for its last uploads on its own: the
-        # others must not wait for those in a collective, which could time out. (And a group
-        # destroyed while gloo's worker thread still frees the last collective's tensor can
-        # deadlock on the GIL; a barrier holds no tensor.)
-        checkpoint.barrier()
+        # The ranks finish together, before rank 0 waits for its last uploads on its own (in a
+        # collective the others could time out). A barrier holds no tensor: a group destroyed while
+        # gloo's worker thread still frees the last collective's tensor can deadlock on the GIL.
+        distributed.barrier()
     finally:
         batches.close()
         records.close()
@@ -136,10 +138,9 @@ def main(argv: list[str]) -> int:
 
 def train_step(step_model, wrapper, batch: torch.Tensor, autocast) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, batch [micro-steps, rows, T + 1] of this
-    rank's rows. Each micro-batch's mean loss is scaled so the gradient is that of the mean over this
-    rank's rows; the earlier micro-steps only add to this rank's gradients, the last one's backward
-    averages them over the ranks (DDP, FSDP): the gradient of the mean over the global batch.
-    Returns the mean loss of this rank's rows, left on the device (reading it would wait for the GPU)."""
+    rank's rows. Each micro-batch's loss is scaled so the gradient is that of the mean over this
+    rank's rows; only the last backward averages the gradients over the ranks (DDP, FSDP): that of
+    the mean over the global batch. Returns this rank's mean loss, left on the device."""
     accum = len(batch)
     step_loss = torch.zeros((), device=batch.device)
     for i, micro in enumerate(batch):
@@ -235,7 +236,7 @@ class Run:
     state: dict | None = None
     weights: dict | None = None  # the checkpoint's, or checkpointing.training.init_from's
     start_over: bool = False  # move the directory's checkpoints and records aside first
-    lock: object = None  # rank 0's hold on the directory (checkpoint.lock_run_directory)
+    lock: object = None  # rank 0's hold on the directory (records.lock_run_directory)
     carried: dict = dataclasses.field(default_factory=dict)  # its Checkpoints.run_state
 
 
@@ -276,25 +277,19 @@ def open_run(config: Config, env: Env) -> Run:
     return run
 
 
-def evaluated(config: Config, run: Run) -> bool:
-    """Whether the checkpoint resumed from has its evaluation (or needs none): a run stopped while
-    evaluating its last checkpoint does so when started again."""
-    wanted = "paloma" in (config.evaluation.metrics or []) or config.evaluation.probe.rows
-    return not wanted or (run.dir / "eval_results" / f"step_{run.start_step}.json").exists()
-
-
 def already_done(config: Config, run: Run, env: Env) -> int:
     """A finished run started again: nothing to train, but uploads a crash left pending."""
     if env.rank == 0:
         print(f"{run.dir}: already trained to step {run.start_step} (training.max_steps="
               f"{config.training.max_steps}); nothing to do")
-        if config.checkpointing.save_to_hf and checkpoint.read_uploads(run.dir)["pending"]:
-            log = checkpoint.run_log(run.dir, config.monitoring.logging.log_level)
-            hub_uploader(config, run.dir, log).close()
+        if config.checkpointing.save_to_hf and read_uploads(run.dir)["pending"]:
+            hub_uploader(config, run.dir, run_log(run.dir, config.monitoring.logging.log_level)).close()
     return 0
 
 
 def open_data(config: Config, env: Env, run: Run) -> tuple:
+    """The training shards, the val captures' rows and each measurement's (evaluation.py), read and
+    checked before anything is built or written."""
     seq_len, vocab, seed = config.model.max_seq_len, config.model.vocab_size, config.data.seed
     shards = data.open_dataset(config.data.dataset.name, seq_len + 1, vocab, seed,
                                config.data.dataset.max_cached_shards, shared=env.world_size > 1,
@@ -304,17 +299,12 @@ def open_data(config: Config, env: Env, run: Run) -> tuple:
         raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "
                           f"of data, {config.data.dataset.name} has {shards.num_rows:,} "
                           f"(at most {shards.num_rows // global_batch:,} steps)")
-    paloma, ld = config.evaluation.paloma, config.checkpointing.learning_dynamics
-    eval_rows = ld_rows = None
-    if "paloma" in (config.evaluation.metrics or []):
-        eval_rows = data.load_eval_set(paloma.dataset_name, paloma.dataset_split, seq_len + 1, vocab, seed)
-        if not eval_rows:
-            raise ConfigError(f"evaluation.paloma.dataset_name={paloma.dataset_name!r}: its "
-                              f"{paloma.dataset_split!r} split has no rows; expected an evaluation set")
+    ld, ld_rows = config.checkpointing.learning_dynamics, None
+    eval_sets = data.EvalSets(seq_len + 1, vocab, seed)  # Paloma's and the val captures' are one set by default
+    with torch.device("meta"):  # module names only: a suffix that matches none stops here
+        checkpoint.capture_modules(PicoDecoder(config.model), ld.layer_suffixes, ld.layers)
     if ld.eval_data is not None:
-        same = eval_rows is not None and (ld.eval_data, "val") == (paloma.dataset_name, paloma.dataset_split)
-        ld_rows = eval_rows if same else data.load_eval_set(
-            ld.eval_data, "val", seq_len + 1, vocab, seed, key="checkpointing.learning_dynamics.eval_data")
+        ld_rows = eval_sets.read(ld.eval_data, "val", key="checkpointing.learning_dynamics.eval_data")
         if not ld_rows:
             raise ConfigError(f"checkpointing.learning_dynamics.eval_data={ld.eval_data!r}: its 'val' "
                               f"split has no rows; expected rows to capture on, or None")
@@ -322,47 +312,8 @@ def open_data(config: Config, env: Env, run: Run) -> tuple:
         if ld.sequence_idx < -shortest:
             raise ConfigError(f"checkpointing.learning_dynamics.sequence_idx={ld.sequence_idx}: "
                               f"{ld.eval_data} has rows of only {shortest} input tokens")
-    with torch.device("meta"):  # module names only: a suffix that matches none stops here
-        checkpoint.capture_modules(PicoDecoder(config.model), ld.layer_suffixes, ld.layers)
-    probe = None
-    if config.evaluation.probe.rows:
-        n = min(config.evaluation.probe.rows, max_steps * global_batch)
-        positions = np.array(run.carried.get("probe_positions", []), dtype=np.int64)
-        if len(positions) != n:  # unless resumed with as many: then the same rows, whatever max_steps
-            positions = data.probe_positions(n, max_steps * global_batch)
-        probe = Probe(positions, positions // global_batch + 1, list(shards.read_at(positions)))
-    return shards, eval_rows, ld_rows, probe
-
-
-@dataclasses.dataclass
-class Probe:
-    """The training probe (evaluation.probe): rows spread over the run, and the step that trains on
-    each, from the data order alone: checkpoint N has seen a row when N >= seen_at (the row is in
-    the batch of `data.py batch --step seen_at-1`)."""
-    positions: np.ndarray  # global row positions
-    seen_at: np.ndarray
-    rows: list
-
-
-def start_distributed(config: Config, env: Env):
-    """Join the job's process group: torchrun's (its environment names the rendezvous), or a
-    group of one when FSDP runs in a single process. Returns a group for host-side flags: a gloo
-    all-reduce of one number costs the GPU nothing, where an NCCL one would wait for it."""
-    under_torchrun = "MASTER_ADDR" in os.environ
-    if env.world_size == 1 and not under_torchrun and config.training.distributed != "fsdp":
-        return None
-    backend = config.training.backend  # validate() refused NCCL without a GPU
-    if backend == "auto":
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
-    options = {"device_id": env.device} if backend == "nccl" else {}
-    if not under_torchrun:
-        options.update(store=dist.HashStore(), rank=0, world_size=1)
-    # A collective fails when a rank does not arrive within the timeout, so one rank's crash or
-    # hang ends the job instead of stalling it. It must outlast what rank 0 does while the others
-    # wait: writing a checkpoint of the largest model (seconds to a minute).
-    timeout = datetime.timedelta(minutes=10)
-    dist.init_process_group(backend, timeout=timeout, **options)
-    return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    measures = evaluation.Evaluation(evaluation.Start(config, shards, eval_sets, run.carried), run.dir)
+    return shards, measures, ld_rows
 
 
 def build(config: Config, env: Env, run: Run) -> tuple:
@@ -432,8 +383,8 @@ class Progress:
     logging step a record and a line: the loss over the global batch, lr, gradient norm,
     tokens/s of training time alone, MFU (of all the job's GPUs) and the time to the end."""
 
-    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, records: checkpoint.Records,
-                 shards, eval_rows):
+    def __init__(self, config: Config, env: Env, run: Run, model: PicoDecoder, records: Records, shards,
+                 measures: evaluation.Evaluation):
         self.records, self.max_steps, self.start_step = records, config.training.max_steps, run.start_step
         try:  # the commit of this code, so the run can be reproduced from its log
             version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -449,7 +400,11 @@ class Progress:
                  f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
                  f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
                  f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
-                     f" | evaluation: {len(eval_rows):,} sequences" if eval_rows is not None else ""))
+                     f" | measured at each checkpoint: {', '.join(m.__name__ for m, _ in measures.measures)}"
+                     if measures.measures else ""))
+        if variant := checkpoint.beyond_llama(config.model):
+            log.info(f"checkpoints: {', '.join(variant)} is beyond transformers' Llama, so the weights are "
+                     f"saved in pico's own format: PicoDecoder.from_pretrained loads them, transformers cannot")
         init_from = config.checkpointing.training.init_from
         if run.resumed_from is not None:
             log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
@@ -551,24 +506,20 @@ def peak_flops(device: torch.device) -> float:
 
 
 class Checkpoints:
-    """Checkpoint N: saved with its learning-dynamics captures, then evaluated and uploaded. Every
-    rank takes part; rank 0 writes. Under FSDP the three share one gather of the whole model."""
+    """Checkpoint N: saved with its learning-dynamics captures (checkpoint.py), then measured
+    (evaluation.py) and uploaded (records.py); and the captures of a loss spike. Every rank takes
+    part; rank 0 writes. Under FSDP they share one gather of the whole model."""
 
-    def __init__(self, config: Config, env: Env, run: Run, model, optimizer, scheduler, eval_rows,
-                 ld_rows, probe: Probe | None, finite: "FiniteCheck", records: checkpoint.Records):
+    def __init__(self, config: Config, env: Env, run: Run, model, optimizer, scheduler,
+                 measures: evaluation.Evaluation, ld_rows, finite: "FiniteCheck", records: Records):
         self.config, self.env, self.dir, self.records = config, env, run.dir, records
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.eval_rows, self.ld_rows, self.probe, self.finite = eval_rows, ld_rows, probe, finite
+        self.measures, self.ld_rows, self.finite = measures, ld_rows, finite
         spikes = config.monitoring.loss_spikes
         self.spikes = LossSpikes(spikes, run.carried.get("loss_spikes", {})) if spikes.std_devs else None
-        cfg = config.evaluation.probe
-        self.memorize = cfg.memorization_tokens and probe is not None
-        if self.memorize and cfg.memorization_prefix + cfg.memorization_tokens > config.model.max_seq_len:
-            self.memorize = False  # a default a short model cannot run: a reason to say so, not to stop
-            if env.rank == 0:
-                records.log.warning(f"evaluation.probe: memorization of {cfg.memorization_tokens} tokens "
-                                    f"from {cfg.memorization_prefix} does not fit in model.max_seq_len="
-                                    f"{config.model.max_seq_len}; the probe runs without it")
+        if env.rank == 0:
+            for note in measures.notes:
+                records.log.warning(note)
         self.last_saved = run.start_step if run.resumed_from is not None else None
         save_to_hf = config.checkpointing.save_to_hf and env.rank == 0
         self.uploader = hub_uploader(config, run.dir, records.log) if save_to_hf else None
@@ -580,18 +531,7 @@ class Checkpoints:
                 records.log.warning(f"{e}; checkpoints are saved without a tokenizer")
 
     def whole_model(self) -> PicoDecoder:
-        """The model with all its weights on this rank: under FSDP an unsharded copy (a
-        collective), for what needs whole weights: the Hugging Face export, evaluation, and
-        captures (whose hooks and gradients need plain modules). Built on the meta device, so no
-        memory or random numbers go to an initialisation that the gathered weights overwrite."""
-        if self.config.training.distributed != "fsdp":
-            return self.model
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        with torch.device("meta"):
-            whole = PicoDecoder(self.config.model)
-        whole.to_empty(device=self.env.device).load_state_dict(state)
-        whole.rope_cos, whole.rope_sin = (t.to(self.env.device) for t in rope_tables(self.config.model))
-        return whole
+        return distributed.whole_model(self.model, self.config.training.distributed == "fsdp", self.env.device)
 
     def save(self, done: int, train_batch: torch.Tensor, evaluate: bool = True):
         """Checkpoint `done` (optimizer steps completed), captured on the batch its last step
@@ -617,10 +557,7 @@ class Checkpoints:
 
     def run_state(self) -> dict:
         """What a run resumed from this checkpoint carries on with, in training_state.pt."""
-        state = {"loss_spikes": self.spikes.state()} if self.spikes else {}
-        if self.probe is not None:  # its rows stay the same when training.max_steps changes
-            state["probe_positions"] = self.probe.positions.tolist()
-        return state
+        return {**({"loss_spikes": self.spikes.state()} if self.spikes else {}), **self.measures.run_state()}
 
     def record_spike(self):
         """A spike (LossSpikes.spike) in metrics.jsonl; the first of a run also in spikes/step_N/:
@@ -640,7 +577,7 @@ class Checkpoints:
             return
         self.records.write({"step": done, "loss_spike": spike["loss"]})
         if spikes.capture:
-            checkpoint.save_spike(directory, spike, captures)
+            save_spike(directory, spike, captures)
         if spikes.first:  # one line for a run of spikes
             where = (f"its rows and captures in {directory}" if spikes.capture else f"not captured: "
                      f"the run took its monitoring.loss_spikes.max_captures={spikes.max_captures}")
@@ -649,190 +586,16 @@ class Checkpoints:
                                      f"{spike['deviations']:.1f} standard deviations; {where}")
 
     def evaluate_and_upload(self, done: int, whole: PicoDecoder | None = None):
-        """What follows a saved checkpoint; each skips what an earlier start already did. Files of
-        step N are written before eval_results/step_N.json, whose absence makes a resumed run evaluate."""
-        out = self.dir / "eval_results" / f"step_{done}.json"
-        if (self.eval_rows is not None or self.probe is not None) and not out.exists():
-            whole = whole or self.whole_model()
-            out.parent.mkdir(exist_ok=True)
-            results = self.evaluate_paloma(done, whole, out) if self.eval_rows is not None else {}
-            if self.probe is not None:
-                results["probe"] = self.evaluate_probe(done, whole, out)
-            if self.env.rank == 0:
-                checkpoint.write_atomically(out, checkpoint.json_line(results))
+        """What follows a saved checkpoint; each skips what an earlier start already did."""
+        if not self.measures.done(done):
+            at = evaluation.At(done, self.config, self.env.device, self.env.autocast)
+            self.measures(whole or self.whole_model(), at, self.records)
         if self.uploader:  # in the background: the next step starts now
             self.uploader.submit(done)
-
-    def evaluate_paloma(self, done: int, whole: PicoDecoder, out: Path) -> dict:
-        """Perplexity on the evaluation set; each row's loss in step_N_rows.npy."""
-        config = self.config
-        r = evaluate(whole, self.eval_rows, config.evaluation.paloma.batch_size, self.env.device,
-                     self.env.autocast, byte_level=config.data.tokenizer.name == "bytes")
-        per_row = r.pop("rows")
-        if self.env.rank == 0:
-            checkpoint.save_array(out.with_name(f"step_{done}_rows.npy"), per_row)
-            self.records.write({"step": done, **{f"paloma_{k}": v for k, v in r.items()}})
-            bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
-            self.records.log.info(f"eval step {done} | paloma perplexity {r['perplexity']:.3f} | loss "
-                                  f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}")
-        by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
-        return {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})}
-
-    def evaluate_probe(self, done: int, whole: PicoDecoder, out: Path) -> dict:
-        """The training probe at checkpoint `done`: each row's loss and memorization in
-        step_N_probe.npy; probe_summary's means, returned and in metrics.jsonl."""
-        probe, cfg, env = self.probe, self.config.evaluation.probe, self.env
-        rows = evaluate(whole, probe.rows, cfg.batch_size, env.device, env.autocast, byte_level=False)["rows"]
-        fields = {"position": probe.positions, "seen_at": probe.seen_at, "loss": rows.loss,
-                  "tokens": rows.tokens}
-        if self.memorize:
-            fields["token_match"] = memorization(whole, probe.rows, cfg.memorization_prefix,
-                                                 cfg.memorization_tokens, cfg.batch_size, env.device,
-                                                 env.autocast)
-            fields["exact_match"] = fields["token_match"] == 1
-        per_row = np.rec.fromarrays(list(fields.values()), names=list(fields))
-        summary = probe_summary(per_row, done)
-        if env.rank == 0:
-            checkpoint.save_array(out.with_name(f"step_{done}_probe.npy"), per_row)
-            groups = [group for group in ("seen", "unseen") if summary[group]["rows"]]
-            self.records.write({"step": done, **{f"probe/{name}_{group}": value for group in groups
-                                                 for name, value in summary[group].items()
-                                                 if name != "rows"}})
-            self.records.log.info(f"probe step {done} | " + " | ".join(
-                f"{group} {summary[group]['rows']} rows: loss {summary[group]['loss']:.4f}" + (
-                    f", memorized {summary[group]['exact_match']:.1%}" if self.memorize else "")
-                for group in groups))
-        return summary
 
     def close(self):
         if self.uploader:  # waits for the last checkpoints' uploads (bounded; the rest stay pending)
             self.uploader.close()
-
-
-@torch.no_grad()
-def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.device, autocast,
-             byte_level: bool) -> dict:
-    """Perplexity of the model on the evaluation rows: exp of the mean next-token loss over all
-    their tokens. (pico-train's `evaluate` metric averages per-sequence perplexities instead,
-    which weighs a short sequence as much as a long one.) Rows may differ in length
-    (data.collate). Under torch.distributed each rank evaluates its block of the rows and the
-    sums are added up (a collective): every rank returns the same results. results["rows"]: each
-    row's mean loss and its number of tokens, in order (the per-example probe)."""
-    model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = n_bytes = 0
-    sources = getattr(rows, "sources", None)  # data.EvalRows: each row's source (Paloma's corpora)
-    rows, counts = checkpoint.my_rows(rows)
-    row_nll = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        inputs, labels = data.collate(chunk)
-        counted = int((labels != -100).sum())  # counted on the host: the loop need not wait for the GPU
-        inputs, labels = inputs.to(device), labels.to(device)
-        with autocast:
-            logits, loss = model(inputs, labels)
-        nll += loss.double() * counted
-        n_tokens += counted
-        n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
-        for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
-            row_nll.append(F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100,
-                                           reduction="sum"))
-    model.train()
-    lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
-    mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
-    per_row = checkpoint.gather_rows(mine, counts).cpu().numpy()
-    totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    nll, n_tokens, n_bytes = totals.tolist()
-    mean_loss = nll / n_tokens
-    results = {"perplexity": perplexity(mean_loss), "loss": mean_loss, "tokens": int(n_tokens),
-               "rows": np.rec.fromarrays([per_row[:, 0] / per_row[:, 1], per_row[:, 1].astype(np.int64)],
-                                         names="loss,tokens")}
-    sources = np.array(sources or [])
-    for source in sorted(set(sources)):  # each over every token of its rows, as the whole
-        ours = sources == source
-        results[f"perplexity/{source}"] = perplexity(per_row[ours, 0].sum() / per_row[ours, 1].sum())
-    if byte_level:  # every token but the end-of-document id is one byte of text
-        results["bits_per_byte"] = nll / math.log(2) / n_bytes
-    return results
-
-
-def probe_summary(per_row: np.ndarray, done: int) -> dict:
-    """The probe's means at checkpoint `done`: over the rows seen and those not yet seen (the
-    control), and over the seen ones by steps since seen, in bins [0, 1), [1, 2), [2, 4), ..."""
-    since = done - per_row["seen_at"]
-    seen = since >= 0
-    measured = [name for name in ("loss", "token_match", "exact_match") if name in per_row.dtype.names]
-
-    def means(rows: np.ndarray) -> dict:
-        return {"rows": int(rows.sum()), **{name: float(per_row[name][rows].mean()) for name in measured
-                                            if rows.any()}}
-    bins, low, high = [], 0, 1
-    while seen.any() and low <= since[seen].max():
-        rows = seen & (since >= low) & (since < high)
-        if rows.any():
-            bins.append({"steps_since_seen": [low, high], **means(rows)})
-        low, high = high, 2 * high
-    return {"seen": means(seen), "unseen": means(~seen), "by_steps_since_seen": bins}
-
-
-@torch.no_grad()
-def memorization(model: PicoDecoder, rows: list, prefix: int, n_new: int, batch_size: int,
-                 device: torch.device, autocast) -> np.ndarray:
-    """Pythia's memorization test: each row's greedy continuation (the KV-cache `generate`) of its
-    first `prefix` tokens, n_new tokens long, against the row's own next n_new tokens. Returns each
-    row's share of matching tokens, in order; the ranks split the rows as in evaluate."""
-    rows, counts = checkpoint.my_rows(rows)
-    matches = [torch.zeros(0, device=device)]
-    for start in range(0, len(rows), batch_size):
-        chunk = torch.as_tensor(np.stack(rows[start:start + batch_size]), device=device)
-        with autocast:
-            generated = model.generate(chunk[:, :prefix], n_new, temperature=0)[:, prefix:]
-        matches.append((generated == chunk[:, prefix:prefix + n_new]).float().mean(dim=1))
-    mine = torch.cat(matches)[:, None]
-    return checkpoint.gather_rows(mine, counts)[:, 0].cpu().numpy()
-
-
-def perplexity(mean_loss: float) -> float:
-    # exp overflows past a mean loss of 709 (a diverged run): its perplexity is infinite, not an error
-    return math.exp(mean_loss) if mean_loss < 709 else math.inf
-
-
-def hub_uploader(config: Config, run_dir: Path, log) -> checkpoint.HubUploader:
-    hf = config.checkpointing.hf_checkpoint
-    log.info(f"upload: each checkpoint to {hf.repo_id}, branch {config.checkpointing.run_name}")
-    return checkpoint.HubUploader(run_dir, hf.repo_id, config.checkpointing.run_name, log,
-                                  hf.upload_attempts, hf.upload_retry_delay, hf.upload_optimizer)
-
-
-def log_plan(log, config: Config, run: Run, model: PicoDecoder, steps: list[int], ld_rows,
-             tokenizer: dict | None):
-    """Before the first step: the checkpoints still to write (steps), their bytes and the room for them."""
-    ckpt = config.checkpointing
-    sizes = checkpoint.checkpoint_bytes(model, ckpt.learning_dynamics, config.data.dataloader.batch_size,
-                                        len(ld_rows or []), tokenizer)
-    with_optimizer = min(len(steps), ckpt.keep_last_n_optimizer_states or len(steps))
-    total = len(steps) * sum(sizes.values()) - (len(steps) - with_optimizer) * sizes["optimizer"]
-    free = shutil.disk_usage(run.dir).free
-    shown = ", ".join(map(str, steps if len(steps) <= 16 else steps[:12] + ["..."] + steps[-2:]))
-    log.info(f"plan: {len(steps)} checkpoints, at steps {shown}")
-    log.info(f"plan: {in_bytes(sum(sizes.values()))} per checkpoint (" + ", ".join(
-        f"{part} {in_bytes(n)}" for part, n in sizes.items() if n) + f"), {in_bytes(total)} in all; "
-             f"{in_bytes(free)} free on the file system of {run.dir}")
-    if total > free:
-        log.warning(f"plan: the checkpoints need {in_bytes(total)} and only {in_bytes(free)} is free: "
-                    f"the run will stop when the disk is full (checkpointing.keep_last_n_optimizer_states "
-                    f"keeps the optimizer state, 2/3 of a checkpoint, in the newest N only)")
-
-
-def in_bytes(n: float) -> str:
-    """Bytes in the largest unit that leaves a number of at least 1."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 class LossSpikes:
@@ -936,7 +699,7 @@ class FiniteCheck:
 
     def check(self):
         first = int(self.first.item())
-        if checkpoint.any_rank(first >= 0, self.flags):  # every rank stops at the same step
+        if distributed.any_rank(first >= 0, self.flags):  # every rank stops at the same step
             where = f"at step {first}" if first >= 0 else "on another rank"
             raise Diverged(f"the loss or gradient norm is not finite {where}; stopped before saving those "
                            f"weights, checkpoints/latest is the last good checkpoint: resume with a lower "

@@ -19,8 +19,9 @@ import torch
 
 import checkpoint
 import data
+import evaluation
 import launcher
-import train
+import records
 from config import Config
 from model import ModelConfig, PicoDecoder
 from test_train import ROOT, SHARD, assert_same_run, losses, run, snapshot, start
@@ -60,9 +61,9 @@ def test_an_evaluation_that_overflows_records_infinity_as_strict_json(tmp_path):
     with torch.no_grad():
         model.de_embedding_proj.weight.mul_(1e5)  # logits so large the mean loss passes 709
     rows = [np.arange(33) % 64]
-    results = train.evaluate(model, rows, 1, torch.device("cpu"), contextlib.nullcontext(), False)
+    results = evaluation.evaluate(model, rows, 1, torch.device("cpu"), contextlib.nullcontext(), False)
     assert results["loss"] > 709 and results["perplexity"] == float("inf")
-    line = checkpoint.json_line({"step": 3, "paloma": results["perplexity"]})
+    line = records.json_line({"step": 3, "paloma": results["perplexity"]})
     assert json.loads(line) == {"step": 3, "paloma": "Infinity"}
     assert float(json.loads(line)["paloma"]) == float("inf")
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import train
+import evaluation
 from model import ModelConfig, PicoDecoder
 from test_train import run
 
@@ -93,13 +93,15 @@ def test_a_checkpoint_left_without_results_is_evaluated_when_the_run_resumes(tin
 
 @pytest.mark.parametrize("evaluated", [True, False])
 def test_a_resumed_run_drops_its_checkpoints_evaluation_records_only_to_evaluate_again(tmp_path, evaluated):
-    import checkpoint
     from config import Config
+    from records import Records
 
-    records = [{"step": 3, "loss": 3.0}, {"step": 3, "paloma_loss": 3.1}, {"step": 4, "loss": 2.0},
-               {"step": 4, "paloma_loss": 2.1}, {"step": 4, "probe/loss_seen": 2.2}, {"step": 5, "loss": 1.0}]
+    # Evaluation records are known by their mark, whatever their keys (a fork's new measurement's)
+    records = [{"step": 3, "loss": 3.0}, {"step": 3, "evaluation": True, "paloma_loss": 3.1},
+               {"step": 4, "loss": 2.0}, {"step": 4, "evaluation": True, "paloma_loss": 2.1},
+               {"step": 4, "evaluation": True, "my_new_measure": 2.2}, {"step": 5, "loss": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    checkpoint.Records(tmp_path, Config(), start_step=4, evaluated=evaluated).close()
+    Records(tmp_path, Config(), start_step=4, evaluated=evaluated).close()
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == (records[:5] if evaluated else records[:3])  # step 5's always goes: it is replayed
 
@@ -118,7 +120,7 @@ def test_bits_per_byte_for_the_byte_tokenizer_is_the_loss_in_bits_per_text_byte(
     model = PicoDecoder(ModelConfig(d_model=32, n_layers=1, attention_n_heads=4,
                                           attention_n_kv_heads=2, activation_hidden_dim=64,
                                           vocab_size=257, max_seq_len=8))
-    results = train.evaluate(model, rows, 2, torch.device("cpu"), contextlib.nullcontext(), True)
+    results = evaluation.evaluate(model, rows, 2, torch.device("cpu"), contextlib.nullcontext(), True)
     predicted_bytes = 3 + 2  # the labels, less the end-of-document id
     assert results["tokens"] == 6
     assert math.isclose(results["bits_per_byte"], results["loss"] * 6 / math.log(2) / predicted_bytes)

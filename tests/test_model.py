@@ -214,6 +214,39 @@ def test_generate_may_fill_max_seq_len_exactly():
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention probabilities, for analysis
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_probabilities_are_what_the_fused_kernel_attends_with():
+    model = tiny_model()
+    attention, cos, sin = model.layers[0].attention, model.rope_cos[:24], model.rope_sin[:24]
+    x = torch.randn(2, 24, TINY["d_model"])
+    probabilities = attention.probabilities(x, cos, sin)
+    assert probabilities.shape == (2, TINY["attention_n_heads"], 24, 24)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, TINY["attention_n_heads"], 24))
+    assert (probabilities.triu(1) == 0).all()  # causal: no weight on a later token
+    _, _, v = attention.project(x, cos, sin)
+    groups = TINY["attention_n_heads"] // TINY["attention_n_kv_heads"]  # query heads per KV head
+    mixed = probabilities @ v.repeat_interleave(groups, dim=1)
+    with torch.no_grad():
+        expected = attention(x, cos, sin)  # SDPA, as training runs it
+        got = attention.o_proj(mixed.transpose(1, 2).reshape(2, 24, -1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_with_attention_hands_over_every_layer_and_changes_no_logit():
+    model, ids = tiny_model(), token_ids(2, 16)
+    seen = {}
+    with torch.no_grad():
+        logits, loss = model.with_attention(ids, ids, each=lambda i, p: seen.setdefault(i, p.shape))
+        plain_logits, plain_loss = model(ids, ids)
+    assert seen == {i: (2, TINY["attention_n_heads"], 16, 16) for i in range(TINY["n_layers"])}
+    assert torch.equal(logits, plain_logits) and torch.equal(loss, plain_loss)
+    model(ids)  # the hooks are gone: nothing is handed over any more
+    assert len(seen) == TINY["n_layers"] and not any(m._forward_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
 

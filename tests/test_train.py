@@ -1,5 +1,6 @@
 """The training loop, end to end, through the same command line a user types."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -296,6 +297,24 @@ def test_overrides_parse_python_literals_and_fall_back_to_strings(tiny):
     assert cfg.evaluation.metrics == ["paloma"]
     assert cfg.checkpointing.learning_dynamics.layer_suffixes == ["swiglu.w_2"]
     assert cfg.training.optimization.lr == 1.0 and isinstance(cfg.training.optimization.lr, float)
+
+
+def test_resume_compares_the_models_tensors_not_every_model_field(tmp_path):
+    saved = pico_config.Config()
+    saved.model.d_model, saved.model.norm_eps = 96, 1e-6
+    (tmp_path / "training_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(saved)))
+    same_tensors = pico_config.Config()
+    same_tensors.model.d_model, same_tensors.model.norm_eps = 96, 1e-5  # as a lower lr would: allowed
+    pico_config.check_resume_compatible(same_tensors, tmp_path / "training_config.yaml")
+    wider = pico_config.Config()
+    wider.model.d_model, wider.model.norm_eps = 192, 1e-5
+    with pytest.raises(pico_config.ConfigError) as refused:
+        pico_config.check_resume_compatible(wider, tmp_path / "training_config.yaml")
+    assert "model.d_model (run: 96, new config: 192)" in str(refused.value)
+    longer = pico_config.Config()  # no weight changes shape, but the RoPE tables and the rows do
+    longer.model.d_model, longer.model.max_seq_len = 96, 4096
+    with pytest.raises(pico_config.ConfigError, match="model.max_seq_len"):
+        pico_config.check_resume_compatible(longer, tmp_path / "training_config.yaml")
 
 
 def test_schedule_is_pico_trains_linear_warmup_then_linear_decay_to_zero():

@@ -2,7 +2,7 @@
 checkpointing.hf_checkpoint.repo_id, in pico-train's layout and with its commit titles, so that
 pico-analyze's --repo_id/--branch mode finds the steps. Against the local stand-in for the Hub
 (tests/hub_server.py, the `hub` fixture): through the command line a user types, and through
-checkpoint.HubUploader for what a short run cannot show."""
+records.HubUploader for what a short run cannot show."""
 
 import json
 import logging
@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 import checkpoint
 import data
 import launcher
+import records
 import test_train
 import train as trainer
 from hub_server import point_huggingface_hub_at
@@ -133,7 +134,7 @@ def test_each_checkpoint_is_pushed_to_branch_run_name_in_pico_trains_layout(tiny
         for name in ("config.json", "model.safetensors"):
             uploaded = hf_hub_download(REPO, name, revision=commits[f"Saving HF Model -- Step {s}"])
             assert Path(uploaded).read_bytes() == (run / "checkpoints" / f"step_{s}" / name).read_bytes()
-    assert checkpoint.read_uploads(run) == {"pending": [], "uploaded": steps}
+    assert records.read_uploads(run) == {"pending": [], "uploaded": steps}
 
 
 def test_list_repo_commits_finds_every_step_by_pico_analyzes_titles(tiny, hub):
@@ -180,12 +181,12 @@ def test_commits_failing_do_not_stop_training_and_are_logged_once_per_checkpoint
     result = train(tiny)
     assert result.returncode == 0, result.stderr
     run, steps = run_dir(tiny), saved_steps(tiny)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]
     failures = upload_failures(result.stdout)
     assert sorted(failures) == steps
     assert all("500 Internal Server Error" in line and "stays pending" in line for line in failures.values())
-    assert checkpoint.read_uploads(run) == {"pending": steps, "uploaded": []}
+    assert records.read_uploads(run) == {"pending": steps, "uploaded": []}
 
 
 def test_the_same_command_again_uploads_the_steps_left_pending(tiny, hub):
@@ -196,7 +197,7 @@ def test_the_same_command_again_uploads_the_steps_left_pending(tiny, hub):
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr
     steps = saved_steps(tiny)
     assert branch_titles() == [title for s in steps for title in titles_of(s)]
-    assert checkpoint.read_uploads(run_dir(tiny)) == {"pending": [], "uploaded": steps}
+    assert records.read_uploads(run_dir(tiny)) == {"pending": [], "uploaded": steps}
 
 
 def test_the_token_goes_to_the_hub_only_and_is_never_printed(tiny, hub):
@@ -219,7 +220,7 @@ def test_save_to_hf_without_a_repo_id_is_one_line_naming_the_key(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
-# Through checkpoint.HubUploader
+# Through records.HubUploader
 # ---------------------------------------------------------------------------------------------
 
 def fake_run(run: Path, steps: list[int], learning_dynamics: bool = False, eval_results: bool = False):
@@ -241,8 +242,8 @@ def fake_run(run: Path, steps: list[int], learning_dynamics: bool = False, eval_
             (run / "eval_results" / f"step_{step}.json").write_text('{"paloma": 42.0}\n')
 
 
-def uploader(run: Path, **retries) -> checkpoint.HubUploader:
-    return checkpoint.HubUploader(run, REPO, "run", logging.getLogger("test_upload"),
+def uploader(run: Path, **retries) -> records.HubUploader:
+    return records.HubUploader(run, REPO, "run", logging.getLogger("test_upload"),
                                   **{"attempts": 2, "retry_delay": 0.01, **retries})
 
 
@@ -278,7 +279,7 @@ def test_loss_spikes_go_up_with_the_first_checkpoint_after_them(hub, tmp_path):
 def test_steps_left_pending_by_an_earlier_run_are_uploaded_first(hub, tmp_path, caplog):
     run = tmp_path / "run"
     fake_run(run, [3, 6, 9], learning_dynamics=True, eval_results=True)
-    (run / checkpoint.UPLOADS).write_text(json.dumps({"pending": [3, 6], "uploaded": []}))
+    (run / records.UPLOADS).write_text(json.dumps({"pending": [3, 6], "uploaded": []}))
     with caplog.at_level(logging.INFO, logger="test_upload"):
         hub_uploader = uploader(run)  # queues 3 and 6
         hub_uploader.submit(6)  # queued already: once only
@@ -286,7 +287,7 @@ def test_steps_left_pending_by_an_earlier_run_are_uploaded_first(hub, tmp_path, 
         hub_uploader.close()
     assert "steps [3, 6], left pending by an earlier run, are queued first" in caplog.text
     assert branch_titles() == [title for s in (3, 6, 9) for title in titles_of(s)[:-1]]  # no logs in fake_run
-    assert checkpoint.read_uploads(run) == {"pending": [], "uploaded": [3, 6, 9]}
+    assert records.read_uploads(run) == {"pending": [], "uploaded": [3, 6, 9]}
 
 
 def test_a_hub_out_of_reach_is_logged_once_per_checkpoint_and_leaves_it_pending(
@@ -304,7 +305,7 @@ def test_a_hub_out_of_reach_is_logged_once_per_checkpoint_and_leaves_it_pending(
     failures = upload_failures(caplog.text)
     assert sorted(failures) == [3, 6]
     assert all("ConnectError" in line and "stays pending" in line for line in failures.values())
-    assert checkpoint.read_uploads(tmp_path / "run") == {"pending": [3, 6], "uploaded": []}
+    assert records.read_uploads(tmp_path / "run") == {"pending": [3, 6], "uploaded": []}
 
 
 def test_close_waits_a_bounded_time_and_leaves_the_rest_pending(hub, tmp_path, caplog):
@@ -317,6 +318,6 @@ def test_close_waits_a_bounded_time_and_leaves_the_rest_pending(hub, tmp_path, c
         hub_uploader.close(timeout=0.5)
     assert time.monotonic() - started < 2
     assert "still not done after 0.5 s; steps [5] stay pending" in caplog.text
-    assert checkpoint.read_uploads(tmp_path / "run")["pending"] == [5]
+    assert records.read_uploads(tmp_path / "run")["pending"] == [5]
     hub_uploader.thread.join(timeout=5)  # it stops trying once close() has given up
     assert not hub_uploader.thread.is_alive() and "upload of step" not in caplog.text

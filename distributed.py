@@ -1,0 +1,97 @@
+"""Who this process is among the job's, which rows it holds, and the collectives every rank joins.
+
+Under torchrun each process (a rank) trains on its block of every global batch (data.rank_rows)
+and takes its block of each fixed set of rows (evaluation, probe, captures: `my_rows`); results
+come back in data order by `gather_rows`, because the blocks in rank order are the rows in order.
+A lone `python train.py` is rank 0 of a world of 1, and every helper here is then a no-op, so the
+rest of the code never asks whether it runs distributed.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from model import PicoDecoder, rope_tables
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of this process in torch.distributed's group; (1, 0) outside one."""
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def start(backend: str, device: torch.device, group_of_one: bool):
+    """Join the job's process group: torchrun's (its environment names the rendezvous), or, with
+    group_of_one (FSDP in a single process), a group of one. Returns a group for host-side flags:
+    a gloo all-reduce of one number costs the GPU nothing, where an NCCL one would wait for it."""
+    under_torchrun = "MASTER_ADDR" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not under_torchrun and not group_of_one:
+        return None
+    if backend == "auto":  # config.validate refused NCCL without a GPU
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    options = {"device_id": device} if backend == "nccl" else {}
+    if not under_torchrun:
+        options.update(store=dist.HashStore(), rank=0, world_size=1)
+    # A collective fails when a rank does not arrive within the timeout, so one rank's crash or
+    # hang ends the job instead of stalling it. It must outlast what rank 0 does while the others
+    # wait: writing a checkpoint of the largest model (seconds to a minute).
+    timeout = datetime.timedelta(minutes=10)
+    dist.init_process_group(backend, timeout=timeout, **options)
+    return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether the flag is set on any rank, so every rank acts on it at the same step."""
+    if world()[0] == 1:
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return bool(votes.item())
+
+
+def rank_slice(n: int, world_size: int, rank: int) -> slice:
+    """This rank's contiguous block of n fixed rows (evaluation, captures): in rank order the
+    blocks are the rows in order, so gathering results across ranks is a concatenation."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def my_rows(rows):
+    """This rank's block of fixed rows and every rank's number of rows, which gather_rows takes
+    to put the results back in data order."""
+    world_size, rank = world()
+    blocks = [rank_slice(len(rows), world_size, r) for r in range(world_size)]
+    return rows[blocks[rank]], [b.stop - b.start for b in blocks]
+
+
+def gather_rows(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's rows of a result (rank r: counts[r] of them), concatenated in rank order,
+    which is data order."""
+    if world()[0] == 1:
+        return mine
+    padded = mine.new_zeros(max(counts), *mine.shape[1:])  # all_gather: equal sizes
+    padded[:len(mine)] = mine
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def whole_model(model: PicoDecoder, sharded: bool, device: torch.device) -> PicoDecoder:
+    """The model with all its weights on this rank, for what needs whole weights: the checkpoint's
+    export, evaluation and captures (whose hooks and gradients need plain modules). Under FSDP
+    (sharded) an unsharded copy, gathered by every rank; built on the meta device, so no memory or
+    random numbers go to an initialisation that the gathered weights overwrite."""
+    if not sharded:
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        whole = PicoDecoder(model.config)
+    whole.to_empty(device=device).load_state_dict(state)
+    whole.rope_cos, whole.rope_sin = (t.to(device) for t in rope_tables(model.config))
+    return whole

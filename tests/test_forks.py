@@ -1,0 +1,146 @@
+"""A fork changes one room: a copy of the project with one file changed as a researcher would change
+it (a model variant in model.py, a new measurement in evaluation.py) trains, checkpoints, resumes
+and records it, with nothing else touched."""
+
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import launcher
+from test_evaluation import eval_args, write_eval_set
+from test_train import ROOT, assert_same_run, losses
+
+
+def fork(tmp_path: Path, file: str, *edits: tuple[str, str]) -> Path:
+    """The project's code copied to tmp_path / "fork", with `file` changed by each (old, new)."""
+    copy = tmp_path / "fork"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("tests", "runs", "corpora", ".git", "__pycache__"))
+    text = (copy / file).read_text()
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (copy / file).write_text(text)
+    return copy
+
+
+def train(code: Path, config: Path, *overrides):
+    result = launcher.run([sys.executable, str(code / "train.py"), str(config), *overrides],
+                          capture_output=True, text=True, cwd=code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def python(code: Path, program: str) -> str:
+    """What a program printed, run beside the fork's modules."""
+    (code / "check.py").write_text(textwrap.dedent(program))
+    result = launcher.run([sys.executable, str(code / "check.py")], capture_output=True, text=True,
+                          cwd=code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# An MLP beside SwiGLU: a class, a field, and the block choosing between them.
+GELU_MLP = [
+    ("    position_emb_theta: float = 10000.0\n",
+     "    position_emb_theta: float = 10000.0\n    mlp: Literal['swiglu', 'gelu'] = 'swiglu'\n"),
+    ("from dataclasses import dataclass\n", "from dataclasses import dataclass\nfrom typing import Literal\n"),
+    ("class PicoDecoderBlock(nn.Module):", """class GeluMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_1 = nn.Linear(config.d_model, config.activation_hidden_dim, bias=False)
+        self.w_2 = nn.Linear(config.activation_hidden_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_2(F.gelu(self.w_1(x)))
+
+
+class PicoDecoderBlock(nn.Module):"""),
+    ("        self.swiglu = SwiGLU(config)\n",
+     "        self.swiglu = SwiGLU(config) if config.mlp == 'swiglu' else GeluMLP(config)\n"),
+]
+
+
+def test_a_model_variant_in_model_py_alone_trains_checkpoints_resumes_and_loads(tiny, tmp_path):
+    config, runs = tiny
+    code = fork(tmp_path, "model.py", *GELU_MLP)
+    variant = ["--model.mlp=gelu", "--training.max_steps=8"]
+    first = train(code, config, *variant, "--training.max_steps=4")
+    assert "transformers cannot" in first.stdout  # said once, at start
+    train(code, config, *variant)
+    train(code, config, *variant, "--checkpointing.run_name=whole")
+    assert_same_run(runs / "whole", runs / "run")
+    step = runs / "run" / "checkpoints" / "step_8"
+    saved = json.loads((step / "config.json").read_text())
+    assert saved["model_type"] == "pico_decoder" and saved["mlp"] == "gelu"
+    activations = step / "learning_dynamics" / "train_activations.pt"
+    assert "layers.1.swiglu.w_2" in python(code, f"import torch; print(list(torch.load({str(activations)!r})))")
+    assert python(code, f"""
+        import torch
+        from model import PicoDecoder
+        model = PicoDecoder.from_pretrained({str(step)!r})
+        print(model.config.mlp, type(model.layers[0].swiglu).__name__)""").split() == ["gelu", "GeluMLP"]
+    # The default stays the Llama export, which the fork loads as a SwiGLU model.
+    train(code, config, "--training.max_steps=2", "--checkpointing.run_name=llama")
+    llama = runs / "llama" / "checkpoints" / "step_2"
+    assert json.loads((llama / "config.json").read_text())["model_type"] == "llama"
+    assert python(code, f"from model import PicoDecoder; print(PicoDecoder.from_pretrained({str(llama)!r})"
+                        f".config.mlp)").strip() == "swiglu"
+
+
+def test_a_variant_run_resumed_under_another_variant_of_the_same_shapes_is_refused_only_by_shape(tiny, tmp_path):
+    config, runs = tiny
+    code = fork(tmp_path, "model.py", *GELU_MLP)
+    train(code, config, "--model.mlp=gelu", "--training.max_steps=4")
+    result = launcher.run([sys.executable, str(code / "train.py"), str(config), "--model.mlp=swiglu",
+                           "--training.max_steps=8"], capture_output=True, text=True, cwd=code, timeout=300)
+    # SwiGLU has a w_0 the GELU MLP has not: another set of tensors, refused naming the field
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model.mlp (run: 'gelu', new config: 'swiglu')" in result.stderr
+
+
+# A per-layer statistic of attention on the evaluation rows, added where measurements live.
+ATTENTION_ENTROPY = [
+    ("# What every checkpoint measures,", '''def attention_entropy(model, rows, at):
+    """The mean entropy of each layer's attention over the evaluation rows' tokens."""
+    mine, counts = my_rows(rows)
+    sums = torch.zeros(model.config.n_layers, dtype=torch.float64)
+
+    def each(layer, probabilities):
+        logs = probabilities.clamp_min(1e-30).log()
+        sums[layer] += -(probabilities * logs).sum(-1).mean(dim=(1, 2)).sum().double()
+    with torch.no_grad():
+        for row in mine:
+            model.with_attention(torch.as_tensor(row[None, :-1]), each=each)
+    totals = torch.stack([sums, sums.new_full(sums.shape, float(len(mine)))])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    entropy = (totals[0] / totals[1]).tolist()
+    return Measured(results={"attention_entropy": entropy},
+                    record={f"attention_entropy/layers.{i}": e for i, e in enumerate(entropy)})
+
+
+# What every checkpoint measures,'''),
+    ("    (probe_rows, probe),\n", "    (probe_rows, probe),\n    (eval_rows, attention_entropy),\n"),
+]
+
+
+def test_a_measurement_in_evaluation_py_alone_is_recorded_and_never_doubled_on_resume(tiny, tmp_path):
+    config, runs = tiny
+    code = fork(tmp_path, "evaluation.py", *ATTENTION_ENTROPY)
+    write_eval_set(tmp_path / "paloma", [33, 20, 9])
+    train(code, config, "--training.max_steps=4", *eval_args(tmp_path / "paloma"))
+    results = runs / "run" / "eval_results"
+    entropy = json.loads((results / "step_4.json").read_text())["attention_entropy"]
+    assert len(entropy) == 2 and all(0 < e < 3.5 for e in entropy)  # below ln(33), the most there is
+    (results / "step_4.json").unlink()  # as if killed while evaluating checkpoint 4
+    train(code, config, "--training.max_steps=8", *eval_args(tmp_path / "paloma"))
+    records = [json.loads(line) for line in (runs / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r["step"] for r in records if "attention_entropy/layers.0" in r]
+    assert measured == sorted(set(measured)) and 4 in measured and 8 in measured  # once each
+    assert all(r["evaluation"] is True for r in records if "attention_entropy/layers.0" in r)
+    assert json.loads((results / "step_4.json").read_text())["attention_entropy"] == pytest.approx(entropy)
+    assert sorted(losses(runs / "run")) == list(range(1, 9))
