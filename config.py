@@ -299,7 +299,7 @@ def describe(hint) -> str:
         return f"a list, each {describe(args[0])}"
     if origin is Literal:
         return " or ".join(map(repr, args))
-    return {int: "an integer", float: "a number", str: "a string", bool: "True or False"}[hint]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
 
 
 def check_types(part, path: str = ""):
@@ -317,7 +317,8 @@ def check_types(part, path: str = ""):
 
 def parse_override(arg: str, config: Config):
     """--section.key=value: the value a Python literal, else the text; the text too where only it
-    fits the key (--checkpointing.run_name=123 names a run "123")."""
+    fits the key (--checkpointing.run_name=123 names a run "123"). Booleans are also spelt as YAML
+    and most command lines spell them: true, false, in any case."""
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError("expected --section.key=value")
     key, text = arg[2:].split("=", 1)
@@ -326,7 +327,7 @@ def parse_override(arg: str, config: Config):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text
+        value = {"true": True, "false": False}.get(text.lower(), text)
     set_key(config, key, next((v for v in (value, text) if _conform(v, hint) is not _NO), value), arg)
 
 

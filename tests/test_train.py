@@ -299,6 +299,22 @@ def test_overrides_parse_python_literals_and_fall_back_to_strings(tiny):
     assert cfg.training.optimization.lr == 1.0 and isinstance(cfg.training.optimization.lr, float)
 
 
+@pytest.mark.parametrize("text, value", [("false", False), ("FALSE", False), ("True", True), ("true", True)])
+def test_booleans_are_spelt_as_yaml_or_python_in_any_case(tiny, text, value):
+    config, _ = tiny
+    cfg = pico_config.load_config(str(config), [f"--monitoring.logging.layer_stats={text}"])
+    assert cfg.monitoring.logging.layer_stats is value
+
+
+def test_a_boolean_key_refuses_any_other_word_naming_the_key(tiny):
+    config, _ = tiny
+    with pytest.raises(pico_config.ConfigError, match="monitoring.logging.layer_stats='nope': expected "
+                                                      "true or false"):
+        pico_config.load_config(str(config), ["--monitoring.logging.layer_stats=nope"])
+    names = pico_config.load_config(str(config), ["--checkpointing.run_name=false"]).checkpointing.run_name
+    assert names == "false"  # a string key keeps the word
+
+
 def test_resume_compares_the_models_tensors_not_every_model_field(tmp_path):
     saved = pico_config.Config()
     saved.model.d_model, saved.model.norm_eps = 96, 1e-6
