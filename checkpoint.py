@@ -428,10 +428,14 @@ def write_learning_dynamics(directory: Path, captures: dict):
 
 # Training checkpoints ------------------------------------------------------------------------
 
-def save_array(path: Path, array: np.ndarray):
-    """A NumPy array as an .npy file, replaced whole or not at all (write_atomically)."""
+def save_array(path: Path, array: np.ndarray | dict[str, np.ndarray]):
+    """A NumPy array as an .npy file, or a dict of them as an .npz file (np.load reads either),
+    replaced whole or not at all (write_atomically)."""
     content = io.BytesIO()
-    np.save(content, array)
+    if isinstance(array, dict):
+        np.savez(content, **array)
+    else:
+        np.save(content, array)
     write_atomically(path, content.getvalue())
 
 

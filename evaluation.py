@@ -3,7 +3,7 @@
 A measurement is a function `measure(model, rows, at) -> Measured`: of the model, the rows it
 measures and the checkpoint `at` (its step, the config, the device). It returns its entries of
 eval_results/step_N.json, its record of metrics.jsonl, any per-row arrays (each saved as
-eval_results/step_N_{name}.npy) and a line for the log. Every rank runs it the same way: each
+eval_results/step_N_{name}.npy, or several as one .npz) and a line for the log. Every rank runs it the same way: each
 takes its block of the rows (distributed.my_rows) and the results are gathered or summed over the
 ranks, so every rank returns the same and rank 0 writes them.
 
@@ -58,7 +58,8 @@ class Measured:
     """What one measurement found at a checkpoint."""
     results: dict  # entries of eval_results/step_N.json
     record: dict  # metrics.jsonl's record (its step and evaluation mark are added)
-    per_row: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name: step_N_{name}.npy
+    # name: an array, saved as eval_results/step_N_{name}.npy, or {key: array}, as step_N_{name}.npz
+    per_row: dict[str, np.ndarray | dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     line: str = ""  # the log's
 
 
@@ -277,7 +278,8 @@ class Evaluation:
             if world()[1] == 0:
                 self.dir.mkdir(exist_ok=True)
                 for name, array in measured.per_row.items():
-                    save_array(self.dir / f"step_{at.step}_{name}.npy", array)
+                    suffix = "npz" if isinstance(array, dict) else "npy"
+                    save_array(self.dir / f"step_{at.step}_{name}.{suffix}", array)
                 if measured.record:
                     records.write({"step": at.step, **measured.record}, evaluation=True)
                 if measured.line:
