@@ -39,6 +39,12 @@ share of the 1,000 steps between two checkpoints: of --batch-size rows, and of t
 copied to the host and read during the next step), with and without it in interleaved blocks of
 steps.
 
+    python bench.py --measure paloma probe induction attention [--model small] [--val-rows 64]
+
+What each measurement of a checkpoint (evaluation.py) costs, at its config's defaults, as a share
+of the 1,000 training steps between two checkpoints: of --batch-size rows, and of the suite's
+1,024 (the step's time scaled by rows). Random tokens; --val-rows rows in the evaluation set.
+
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
 Memory per GPU for a suite size, under DDP and under FSDP over --gpus GPUs, with and without
@@ -369,6 +375,63 @@ def bench_probe(args, device: torch.device):
     print("|---:|---:|---:|---:|---:|")
     print(f"| {plain * 1e3:,.1f} ms | {spiky * 1e3:,.1f} ms ({spiky / plain - 1:+.1%}) | "
           f"{probed * 1e3:,.0f} ms | {probed / (1000 * plain):.2%} | {probed / (1000 * plain * suite):.3%} |")
+
+
+def bench_measurements(args, device: torch.device):
+    """Each measurement of evaluation.MEASUREMENTS that --measure turns on, at its config's
+    defaults, on one checkpoint: its seconds against the 1,000 training steps between two
+    checkpoints. Rows are random tokens (a local evaluation set of --val-rows rows and local shards
+    for the probe), read by each measurement's own rows function, as train.py reads them; the step
+    is timed on --batch-size rows and scaled to the suite's global batch. Under torchrun the suite
+    splits both the measurements' rows and the batch over its GPUs, so the share is the same."""
+    (model, optimizer), _ = build(args.model, args.seq_len, device)
+    config, vocab = Config(), model.config.vocab_size
+    config.model = model.config
+    config.evaluation.metrics = [m for m in args.measure if m != "probe"]
+    config.evaluation.probe.rows = config.evaluation.probe.rows if "probe" in args.measure else 0
+    config.training.max_steps, config.data.dataloader.batch_size = 1, 1024  # the probe's rows: 1,024
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_token_shards(Path(tmp) / "train", 1024, 1024, args.seq_len + 1, vocab)
+        write_token_shards(Path(tmp) / "eval", args.val_rows or 64, 1024, args.seq_len + 1, vocab)
+        config.evaluation.paloma.dataset_name = str(Path(tmp) / "eval" / "data")
+        shards = data.open_dataset(str(Path(tmp) / "train" / "data"), args.seq_len + 1, vocab)
+        start = evaluation.Start(config, shards, data.EvalSets(args.seq_len + 1, vocab), {})
+        measures = evaluation.Evaluation(start, Path(tmp)).measures
+    at = evaluation.At(1000, config, device, autocast)
+
+    def seconds(work) -> float:
+        sync()
+        started = time.perf_counter()
+        work()
+        sync()
+        return time.perf_counter() - started
+
+    def train_step():
+        with autocast:
+            loss = pico_loss(model, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(args.warmup):
+        train_step()
+    for measure, rows in measures if device.type == "cuda" else []:  # the kernels' first launches: once a run
+        measure(model, rows, at)
+    step = statistics.median(seconds(train_step) for _ in range(args.rounds))
+    suite_rows = Config().data.dataloader.batch_size
+    print(f"\nMachine: {machine(device)}. pico-decoder-{args.model}, {args.seq_len} tokens a row; "
+          f"a step of {args.batch_size} rows takes {step * 1e3:,.1f} ms (median of {args.rounds}), "
+          f"one of the suite's {suite_rows} rows {suite_rows / args.batch_size:g} times that. Evaluation "
+          f"set: {args.val_rows or 64} rows.\n")
+    print(f"| measurement | seconds per checkpoint | / 1,000 steps of {args.batch_size} rows | "
+          f"/ 1,000 steps of {suite_rows} rows |")
+    print("|---|---:|---:|---:|")
+    for measure, rows in measures:
+        cost = seconds(lambda: measure(model, rows, at))
+        print(f"| {measure.__name__} | {cost:,.2f} | {cost / (1000 * step):.2%} | "
+              f"{cost / (1000 * step * suite_rows / args.batch_size):.4%} |")
 
 
 def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:
@@ -794,6 +857,8 @@ def main() -> None:
     parser.add_argument("--layer-stats", action="store_true", help="the cost of per-layer statistics instead")
     parser.add_argument("--probe", action="store_true",
                         help="the cost of the training probe, memorization and spike detection instead")
+    parser.add_argument("--measure", nargs="+", choices=["paloma", "probe", "induction", "attention"],
+                        help="the cost of these measurements of a checkpoint instead (see above)")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
     parser.add_argument("--micro-batch", type=int, nargs="+",
                         help="rows per GPU and micro-step: --memory 8; --train the suite's on CUDA, 2 on "
@@ -818,6 +883,8 @@ def main() -> None:
         return bench_layer_stats(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.probe:
         return bench_probe(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.measure:
+        return bench_measurements(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.scaling:
         return bench_scaling(args)
     if args.data:

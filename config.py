@@ -132,6 +132,9 @@ class PalomaEvaluationConfig:
     dataset_split: str = "val"
     max_length: int = 2048  # pico-train's; unread: an evaluation row has at most max_seq_len + 1
     batch_size: Positive = 16
+    # Olsson et al.'s in-context learning score, from the same pass: the mean loss at the second
+    # position minus that at the first. None: their 50 and 500, scaled to model.max_seq_len / 2048
+    icl_positions: list[NonNegative] | None = None
 
 
 @dataclass(slots=True)
@@ -149,10 +152,31 @@ class ProbeEvaluationConfig:
 
 
 @dataclass(slots=True)
+class InductionEvaluationConfig:
+    # Olsson et al.'s induction heads, with "induction" in evaluation.metrics: sequences of random
+    # tokens (seeded: the same for every size of a suite), each repeated twice
+    sequences: Positive = 32
+    length: Positive | None = None  # tokens in each half; None: model.max_seq_len / 4, at most 256
+    seed: NonNegative = 0
+    batch_size: Positive = 8
+
+
+@dataclass(slots=True)
+class AttentionEvaluationConfig:
+    # With "attention" in evaluation.metrics: each head's attention entropy on the first `rows`
+    # rows of the evaluation set (evaluation.paloma's), one row at a time
+    rows: Positive = 16
+
+
+@dataclass(slots=True)
 class EvaluationConfig:
-    metrics: list[Literal["paloma"]] | None = field(default_factory=lambda: ["paloma"])
+    # What every checkpoint is evaluated on: "paloma" (perplexity, loss by position and the
+    # in-context learning score), "induction" (induction heads), "attention" (attention entropy)
+    metrics: list[Literal["paloma", "induction", "attention"]] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
+    induction: InductionEvaluationConfig = field(default_factory=InductionEvaluationConfig)
+    attention: AttentionEvaluationConfig = field(default_factory=AttentionEvaluationConfig)
 
 
 @dataclass(slots=True)
@@ -367,7 +391,8 @@ def validate(config: Config, world_size: int):
     opt, training, ld = config.training.optimization, config.training, config.checkpointing.learning_dynamics
     batch, per_step = config.data.dataloader.batch_size, world_size * opt.gradient_accumulation_steps
     hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
-    cuda = torch.cuda.is_available()
+    icl, induction = config.evaluation.paloma.icl_positions, config.evaluation.induction.length
+    seq_len, cuda = config.model.max_seq_len, torch.cuda.is_available()
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
          f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
@@ -389,6 +414,10 @@ def validate(config: Config, world_size: int):
         ("checkpointing.learning_dynamics.layers", ld.layers,
          all(0 <= i < config.model.n_layers for i in ld.layers or []),
          f"None or layer indices in [0, model.n_layers={config.model.n_layers})"),
+        ("evaluation.paloma.icl_positions", icl, icl is None or len(icl) == 2 and icl[0] < icl[1] < seq_len,
+         f"None or two positions, the early before the late, below model.max_seq_len={seq_len}"),
+        ("evaluation.induction.length", induction, induction is None or 2 <= induction <= seq_len // 2,
+         f"None or 2 to model.max_seq_len / 2 = {seq_len // 2} tokens: the sequence is two of them"),
     ]
     problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
                                           for key, value, ok, expected in rules if not ok]

@@ -11,9 +11,12 @@ Its rows are read once, before the first step, by a function of the run's start 
 None when the measurement is off, so that a bad input stops the run before anything is trained or
 written. MEASUREMENTS pairs the two: adding a measurement is a function and a line there.
 
-    perplexity   the evaluation set (Paloma): perplexity overall and per source, each row's loss
+    paloma       the evaluation set (Paloma): perplexity overall and per source, each row's loss,
+                 the loss at every position and the in-context learning score
     probe        the training probe: rows spread over the run, each one's loss and Pythia's
                  memorization test, by whether and how long ago the run trained on it
+    induction    induction heads: each head's prefix matching on repeated random tokens
+    attention    each head's attention entropy on the evaluation set's first rows
 """
 
 import contextlib
@@ -61,6 +64,9 @@ class Measured:
     # name: an array, saved as eval_results/step_N_{name}.npy, or {key: array}, as step_N_{name}.npz
     per_row: dict[str, np.ndarray | dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     line: str = ""  # the log's
+    # name: an input the measurement is a function of, kept as eval_results/{name}.npy so that
+    # anyone can compute it again (induction's random sequences)
+    inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # Perplexity on the evaluation set ------------------------------------------------------------
@@ -75,21 +81,44 @@ def eval_rows(start: Start):
     if not rows:
         raise ConfigError(f"evaluation.paloma.dataset_name={config.paloma.dataset_name!r}: its "
                           f"{config.paloma.dataset_split!r} split has no rows; expected an evaluation set")
+    late, longest = icl_positions(start.config)[1], max(len(row) - 1 for row in rows)
+    if late >= longest:  # a reason to say so, not to stop
+        start.notes.append(f"evaluation.paloma.icl_positions: the evaluation rows predict at most {longest} "
+                           f"tokens, none at position {late}; no in-context learning score")
     return rows
+
+
+def icl_positions(config: Config) -> tuple[int, int]:
+    """evaluation.paloma.icl_positions, or Olsson et al.'s 50 and 500 scaled to model.max_seq_len."""
+    if config.evaluation.paloma.icl_positions is not None:
+        return tuple(config.evaluation.paloma.icl_positions)
+    seq_len = config.model.max_seq_len
+    late = max(1, min(seq_len - 1, 500 * seq_len // 2048))
+    return min(late - 1, 50 * seq_len // 2048), late
 
 
 def paloma(model: PicoDecoder, rows, at: At) -> Measured:
     """Perplexity on the evaluation set (overall, per source, bits per byte for the byte
-    tokenizer); each row's loss in step_N_rows.npy."""
+    tokenizer); each row's loss in step_N_rows.npy. From the same pass, the mean loss at each
+    position and Olsson et al.'s in-context learning score: the loss at a late position minus
+    that at an early one, negative once the model uses its context."""
     r = evaluate(model, rows, at.config.evaluation.paloma.batch_size, at.device, at.autocast,
                  byte_level=at.config.data.tokenizer.name == "bytes")
-    per_row = r.pop("rows")
+    per_row, by_position = r.pop("rows"), r.pop("loss_by_position")
     by_source = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("perplexity/")}
+    results = {"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {}),
+               "paloma_loss_by_position": by_position}
+    early, late = icl_positions(at.config)
+    if late < len(by_position):
+        icl = {"score": by_position[late] - by_position[early], "early_loss": by_position[early],
+               "late_loss": by_position[late]}
+        r.update({f"icl_{k}": v for k, v in icl.items()})
+        results["paloma_icl"] = {"positions": [early, late], **icl}
     bits = f" | {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
-    return Measured(results={"paloma": r["perplexity"], **({"paloma_by_source": by_source} if by_source else {})},
-                    record={f"paloma_{k}": v for k, v in r.items()}, per_row={"rows": per_row},
+    score = f" | in-context score {r['icl_score']:.3f}" if "icl_score" in r else ""
+    return Measured(results=results, record={f"paloma_{k}": v for k, v in r.items()}, per_row={"rows": per_row},
                     line=f"eval step {at.step} | paloma perplexity {r['perplexity']:.3f} | loss "
-                         f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}")
+                         f"{r['loss']:.4f} | {r['tokens']:,} tokens{bits}{score}")
 
 
 @torch.no_grad()
@@ -100,10 +129,14 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     which weighs a short sequence as much as a long one.) Rows may differ in length
     (data.collate). Under torch.distributed each rank evaluates its block of the rows and the
     sums are added up (a collective): every rank returns the same results. results["rows"]: each
-    row's mean loss and its number of tokens, in order (the per-example probe)."""
+    row's mean loss and its number of tokens, in order (the per-example probe);
+    results["loss_by_position"]: at each position p, the mean loss of predicting token p + 1 from
+    the p + 1 before it, over the rows that long."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = 0
+    position_nll = torch.zeros(model.config.max_seq_len, dtype=torch.float64, device=device)
+    position_count = np.zeros(model.config.max_seq_len)  # counted on the host, as the tokens are
     sources = getattr(rows, "sources", None)  # data.EvalRows: each row's source (Paloma's corpora)
     rows, counts = my_rows(rows)
     row_nll = []
@@ -117,21 +150,27 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
         nll += loss.double() * counted
         n_tokens += counted
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
-        for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
-            row_nll.append(F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100,
-                                           reduction="sum"))
+        for row, row_logits, row_labels in zip(chunk, logits, labels):  # one row's float32 logits at a time
+            row_logits = row_logits.float()
+            row_nll.append(F.cross_entropy(row_logits, row_labels, ignore_index=-100, reduction="sum"))
+            position_nll[:len(row_labels)] += F.cross_entropy(row_logits, row_labels, ignore_index=-100,
+                                                              reduction="none").double()
+            position_count[:len(row) - 1] += 1
     model.train()
     lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
     mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
     per_row = gather_rows(mine, counts).cpu().numpy()
-    totals = torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)])  # float64, on the device
+    totals = torch.cat([torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)]), position_nll,
+                        torch.from_numpy(position_count).to(device)])  # float64, on the device
     if dist.is_initialized():
         dist.all_reduce(totals)
-    nll, n_tokens, n_bytes = totals.tolist()
+    (nll, n_tokens, n_bytes), (position_nll, position_count) = totals[:3].tolist(), totals[3:].view(2, -1).cpu()
     mean_loss = nll / n_tokens
+    reached = int((position_count > 0).sum())  # the positions some row reaches
     results = {"perplexity": perplexity(mean_loss), "loss": mean_loss, "tokens": int(n_tokens),
                "rows": np.rec.fromarrays([per_row[:, 0] / per_row[:, 1], per_row[:, 1].astype(np.int64)],
-                                         names="loss,tokens")}
+                                         names="loss,tokens"),
+               "loss_by_position": (position_nll[:reached] / position_count[:reached]).tolist()}
     sources = np.array(sources or [])
     for source in sorted(set(sources)):  # each over every token of its rows, as the whole
         ours = sources == source
@@ -239,11 +278,119 @@ def memorization(model: PicoDecoder, rows: list, prefix: int, n_new: int, batch_
     return gather_rows(mine, counts)[:, 0].cpu().numpy()
 
 
+# Induction heads and attention entropy ------------------------------------------------------
+
+def induction_rows(start: Start) -> np.ndarray | None:
+    """evaluation.induction.sequences sequences of random tokens, each half the same, [n, 2 x
+    half]: seeded by evaluation.induction.seed alone, so every size of a suite reads the same."""
+    config = start.config
+    if "induction" not in (config.evaluation.metrics or []):
+        return None
+    cfg, half = config.evaluation.induction, induction_half(config)
+    first = np.random.default_rng([cfg.seed, half]).integers(0, config.model.vocab_size, (cfg.sequences, half))
+    return np.concatenate([first, first], axis=1)
+
+
+def induction_half(config: Config) -> int:
+    return config.evaluation.induction.length or min(256, config.model.max_seq_len // 4)
+
+
+@torch.no_grad()
+def induction(model: PicoDecoder, sequences: np.ndarray, at: At) -> Measured:
+    """Olsson et al.'s induction heads on repeated random tokens. Each head's prefix matching: its
+    attention from each token of the second half to the token after that token's occurrence in the
+    first (where an induction head looks, to copy it), averaged. And the loss of the tokens of
+    each half (the first token of the repeat, which nothing predicts, left out): random in the
+    first, copied in the second by a model that has induction heads."""
+    cfg, half = at.config.evaluation.induction, sequences.shape[1] // 2
+    mine, _ = my_rows(sequences)
+    c = model.config
+    matching = torch.zeros(c.n_layers, c.attention_n_heads, dtype=torch.float64, device=at.device)
+    losses = torch.zeros(2, dtype=torch.float64, device=at.device)  # the sums over each half's tokens
+    # The token at half + i repeats token i; where it occurred, token i + 1 came next
+    query = torch.arange(half, half * 2, device=at.device)
+
+    def each(layer: int, probabilities: torch.Tensor):
+        matching[layer] += probabilities[:, :, query, query - half + 1].sum(dim=(0, 2)).double()
+    model.eval()
+    for start in range(0, len(mine), cfg.batch_size):
+        chunk = torch.as_tensor(mine[start:start + cfg.batch_size], device=at.device)
+        with at.autocast:
+            logits, _ = model.with_attention(chunk, each=each)
+        # position p predicts token p + 1: tokens 1 .. half - 1 are the first half's, half + 1 .. the second's
+        token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), chunk[:, 1:], reduction="none")
+        losses += torch.stack([token_losses[:, :half - 1].sum(), token_losses[:, half:].sum()]).double()
+    model.train()
+    totals = torch.cat([matching.flatten(), losses])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    matching = (totals[:-2] / (len(sequences) * half)).view(c.n_layers, -1).cpu()
+    first, second = (totals[-2:] / (len(sequences) * (half - 1))).tolist()
+    best = divmod(int(matching.argmax()), c.attention_n_heads)
+    layers, heads = np.indices(matching.shape)
+    return Measured(
+        results={"induction": {"prefix_matching": matching.tolist(), "loss_first_half": first,
+                               "loss_second_half": second}},
+        record={"induction/prefix_matching_max": matching.max().item(), "induction/loss_first_half": first,
+                "induction/loss_second_half": second,
+                **{f"induction/prefix_matching/layers.{i}": v for i, v in enumerate(matching.amax(1).tolist())}},
+        per_row={"induction": np.rec.fromarrays([layers.ravel(), heads.ravel(), matching.numpy().ravel()],
+                                                names="layer,head,prefix_matching")},
+        inputs={"induction_sequences": sequences},
+        line=f"induction step {at.step} | best head layers.{best[0]} head {best[1]}: prefix matching "
+             f"{matching.max():.3f} | loss {first:.3f} on the first half, {second:.3f} on the repeat")
+
+
+def attention_rows(start: Start):
+    """The first evaluation.attention.rows rows of the evaluation set, with "attention" in
+    evaluation.metrics."""
+    config = start.config.evaluation
+    if "attention" not in (config.metrics or []):
+        return None
+    rows = start.eval_sets.read(config.paloma.dataset_name, config.paloma.dataset_split,
+                                key="evaluation.paloma.dataset_name")
+    if not rows:
+        raise ConfigError(f"evaluation.paloma.dataset_name={config.paloma.dataset_name!r}: its "
+                          f"{config.paloma.dataset_split!r} split has no rows; expected an evaluation set")
+    return rows[:config.attention.rows]
+
+
+@torch.no_grad()
+def attention_entropy(model: PicoDecoder, rows: list, at: At) -> Measured:
+    """Each head's attention entropy in nats, averaged over the rows' tokens: 0 for a head that
+    attends to one token, ln(t + 1) for one spread evenly over the t + 1 it can see. One row at a
+    time, so that no padding enters and one [heads, T, T] map is held at once."""
+    mine, _ = my_rows(rows)
+    c = model.config
+    entropy = torch.zeros(c.n_layers, c.attention_n_heads, dtype=torch.float64, device=at.device)
+
+    def each(layer: int, probabilities: torch.Tensor):
+        entropy[layer] += torch.special.entr(probabilities).sum(dim=(0, 2, 3)).double()
+    model.eval()
+    for row in mine:
+        with at.autocast:
+            model.with_attention(torch.as_tensor(row[None, :-1], device=at.device), each=each)
+    model.train()
+    totals = torch.cat([entropy.flatten(), entropy.new_tensor([sum(len(row) - 1 for row in mine)])])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    entropy = (totals[:-1] / totals[-1]).view(c.n_layers, -1).cpu()
+    layers, heads = np.indices(entropy.shape)
+    return Measured(
+        results={"attention_entropy": entropy.tolist()},
+        record={f"attention/entropy/layers.{i}": v for i, v in enumerate(entropy.mean(1).tolist())},
+        per_row={"attention": np.rec.fromarrays([layers.ravel(), heads.ravel(), entropy.numpy().ravel()],
+                                                names="layer,head,entropy")},
+        line=f"attention step {at.step} | entropy per layer " + ", ".join(f"{v:.3f}" for v in entropy.mean(1).tolist()))
+
+
 # What every checkpoint measures, in this order: (its rows, read at start; the measurement). ------
 
 MEASUREMENTS = [
     (eval_rows, paloma),
     (probe_rows, probe),
+    (induction_rows, induction),
+    (attention_rows, attention_entropy),
 ]
 
 
@@ -277,6 +424,10 @@ class Evaluation:
             results.update(measured.results)
             if world()[1] == 0:
                 self.dir.mkdir(exist_ok=True)
+                for name, array in measured.inputs.items():  # the same at every checkpoint: kept once
+                    path = self.dir / f"{name}.npy"
+                    if not path.exists() or not np.array_equal(np.load(path), array):
+                        save_array(path, array)
                 for name, array in measured.per_row.items():
                     suffix = "npz" if isinstance(array, dict) else "npy"
                     save_array(self.dir / f"step_{at.step}_{name}.{suffix}", array)

@@ -143,7 +143,8 @@ class Attention(nn.Module):
         reads KV head h // (heads / KV heads), as enable_gqa maps them."""
         q, k, _ = self.project(x, cos, sin)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores, even under bf16 autocast
+            scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)
         T = x.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, -math.inf).softmax(dim=-1)

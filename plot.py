@@ -5,15 +5,17 @@
 Reads RUN/metrics.jsonl (each step's last record wins, as after a resume) and draws, each where
 the run recorded it: the training loss with the evaluation loss and loss spikes, the evaluation
 perplexity (also per source), the learning rate, the gradient norm, the throughput, the training
-probe's loss and memorization (seen and unseen rows), and per layer (monitoring.logging.layer_stats)
-the weight norm, the gradient norm and the update over the weights. Needs matplotlib, an optional
+probe's loss and memorization (seen and unseen rows), per layer (monitoring.logging.layer_stats)
+the weight norm, the gradient norm and the update over the weights, and the behaviour measured at
+each checkpoint: the in-context learning score, induction heads, attention entropy. From
+RUN/eval_results, the loss at each position of every checkpoint. Needs matplotlib, an optional
 extra: pip install matplotlib.
 """
 
 import argparse
+import contextlib
 import json
 import math
-import sys
 from pathlib import Path
 
 
@@ -49,11 +51,27 @@ def panels(series: dict) -> list[tuple[str, list[str], bool]]:
              ("training probe loss", ["probe/loss_seen", "probe/loss_unseen"], False),
              ("training probe memorized", [f"probe/{m}_{g}" for m in ("exact_match", "token_match")
                                            for g in ("seen", "unseen")], False),
+             ("in-context learning score (late minus early position's loss)", ["paloma_icl_score"], False),
+             ("induction heads: prefix matching, best head", ["induction/prefix_matching_max",
+                                                             *per_layer("induction/prefix_matching")], False),
+             ("induction: loss on random tokens and on their repeat", ["induction/loss_first_half",
+                                                                      "induction/loss_second_half"], False),
+             ("attention entropy per layer (nats)", per_layer("attention/entropy"), False),
              ("weight norm per layer", per_layer("weight_norm"), False),
              ("gradient norm per layer", per_layer("grad_norm"), True),
              ("update / weight norm per layer", per_layer("update_ratio"), True)]
     return [(title, [key for key in keys if key in series], log) for title, keys, log in found
             if any(key in series for key in keys)]
+
+
+def read_loss_by_position(run_dir: Path) -> dict[int, list[float]]:
+    """{checkpoint step: the mean evaluation loss at each position}, from eval_results/step_N.json."""
+    found = {}
+    for path in (run_dir / "eval_results").glob("step_*.json"):
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # one being written: drawn next time
+            found[int(path.stem[len("step_"):])] = [float(v) for v in json.loads(path.read_text())[
+                "paloma_loss_by_position"]]
+    return dict(sorted(found.items()))
 
 
 def plot(run_dir: Path, out: Path):
@@ -66,12 +84,12 @@ def plot(run_dir: Path, out: Path):
     matplotlib.use("Agg")  # files only: no display needed on a cluster node
     import matplotlib.pyplot as plt
 
-    series = read_metrics(run_dir)
+    series, by_position = read_metrics(run_dir), read_loss_by_position(run_dir)
     shown = panels(series)
     if not shown:
         raise SystemExit(f"error: {run_dir / 'metrics.jsonl'}: no records to plot yet")
     columns = 2
-    rows = math.ceil(len(shown) / columns)
+    rows = math.ceil((len(shown) + bool(by_position)) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
     for ax, (title, keys, log) in zip(axes.flat, shown):
         for key in keys:
@@ -85,7 +103,17 @@ def plot(run_dir: Path, out: Path):
         ax.set_xlabel("step")
         if len(keys) > 1:
             ax.legend(fontsize=6, ncol=2 if len(keys) > 8 else 1)
-    for ax in list(axes.flat)[len(shown):]:
+    if by_position:  # one curve per checkpoint, later ones darker: the drop at late positions is ICL
+        ax = axes.flat[len(shown)]
+        colors = plt.get_cmap("viridis")
+        for i, (step, losses) in enumerate(by_position.items()):
+            ax.plot(range(len(losses)), losses, color=colors(i / max(1, len(by_position) - 1)), linewidth=1,
+                    label=f"step {step}" if i in (0, len(by_position) - 1) else None)
+        ax.set_xscale("symlog")
+        ax.set_title("evaluation loss by position, each checkpoint")
+        ax.set_xlabel("position")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(shown) + bool(by_position):]:
         ax.set_visible(False)
     figure.suptitle(run_dir.resolve().name)
     figure.tight_layout()

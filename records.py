@@ -337,11 +337,12 @@ class HubUploader:
             files = sorted([*dynamics.glob(f"{split}_*.pt"), *dynamics.glob(f"{split}_data/*")])
             commits[f"Saving Learning Dynamics Data ({split}) -- Step {step}"] = {
                 p.relative_to(directory).as_posix(): p for p in files}
-        results = self.run_dir / "eval_results"  # step_N.json and whatever per-row files it has
+        # step_N.json, its per-row files, and the inputs of the measurements (no step's)
+        results = self.run_dir / "eval_results"
         commits[f"Saving Evaluation Results -- Step {step}"] = {
             f"eval_results/{p.name}": p for p in sorted([*results.glob(f"step_{step}.json"),
-                                                         *results.glob(f"step_{step}_*")])
-            if not p.name.endswith(".tmp")}
+                                                         *results.glob(f"step_{step}_*"), *results.glob("*.npy")])
+            if not p.name.endswith(".tmp") and (p.name.startswith(f"step_{step}") or not p.name.startswith("step_"))}
         spikes = {p.relative_to(self.run_dir).as_posix(): p
                   for p in sorted((self.run_dir / "spikes").glob("step_*/**/*")) if p.is_file()
                   and int(p.relative_to(self.run_dir / "spikes").parts[0][len("step_"):]) <= step}

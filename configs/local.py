@@ -24,7 +24,10 @@ checkpointing.save_every_n_steps = 100
 # Learning-dynamics captures on the same held-out rows; Pythia-style early checkpoints up to 8
 checkpointing.learning_dynamics.eval_data = "builtin:stdlib-bytes"
 checkpointing.log_spaced_until = 8
-# Perplexity at every checkpoint on the corpus's held-out split (512 rows), in bits per byte too.
+# Perplexity at every checkpoint on the corpus's held-out split (512 rows), in bits per byte too,
+# with the loss at each position and the in-context learning score; induction heads on repeated
+# random bytes, and each head's attention entropy on the held-out rows.
+evaluation.metrics = ["paloma", "induction", "attention"]
 evaluation.paloma.dataset_name = "builtin:stdlib-bytes"
 evaluation.paloma.batch_size = 32
 monitoring.logging.log_every_n_steps = 10

@@ -15,16 +15,20 @@ from hub_server import HubServer, point_huggingface_hub_at
 from test_train import SEQ, TINY, VOCAB
 
 
+def tiny_files(directory):
+    """A config file (test_train.TINY) for a tiny model on random tokens in directory; returns
+    (config path, runs dir)."""
+    rows = np.random.default_rng(0).integers(0, VOCAB, size=(4096, SEQ + 1))
+    data.write_shards(rows, directory / "shards")
+    runs = directory / "runs"
+    config = directory / "tiny.py"
+    config.write_text(TINY.format(data=str(directory / "shards"), runs=str(runs)))
+    return config, runs
+
+
 @pytest.fixture
 def tiny(tmp_path):
-    """A config file (test_train.TINY) for a tiny model on random tokens; returns (config path,
-    runs dir)."""
-    rows = np.random.default_rng(0).integers(0, VOCAB, size=(4096, SEQ + 1))
-    data.write_shards(rows, tmp_path / "shards")
-    runs = tmp_path / "runs"
-    config = tmp_path / "tiny.py"
-    config.write_text(TINY.format(data=str(tmp_path / "shards"), runs=str(runs)))
-    return config, runs
+    return tiny_files(tmp_path)
 
 
 @pytest.fixture

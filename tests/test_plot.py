@@ -37,6 +37,27 @@ def test_plots_the_curves_a_run_recorded(tmp_path):
         "weight_norm/embedding", "weight_norm/layers.0", "weight_norm/output"]  # the model's order
 
 
+def test_plots_the_behaviour_measured_at_each_checkpoint(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    records = [{"step": s, "evaluation": True, "paloma_icl_score": -0.1 * s, "induction/prefix_matching_max": 0.1 * s,
+                "induction/prefix_matching/layers.0": 0.05 * s, "induction/loss_first_half": 10.0,
+                "induction/loss_second_half": 10.0 - s, "attention/entropy/layers.0": 2.0 - 0.1 * s}
+               for s in (0, 1, 2, 4)]
+    write_run(run, records)
+    (run / "eval_results").mkdir()
+    for step in (0, 4):
+        (run / "eval_results" / f"step_{step}.json").write_text(json.dumps(
+            {"paloma": 9.0, "paloma_loss_by_position": [3.0, 2.5 - 0.1 * step, 2.0 - 0.2 * step]}))
+    plot.main([str(run)])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [title for title, _, _ in plot.panels(plot.read_metrics(run))] == [
+        "in-context learning score (late minus early position's loss)",
+        "induction heads: prefix matching, best head", "induction: loss on random tokens and on their repeat",
+        "attention entropy per layer (nats)"]
+    assert plot.read_loss_by_position(run) == {0: [3.0, 2.5, 2.0], 4: [3.0, 2.1, 1.2]}
+
+
 def test_a_resumed_run_plots_each_step_once_with_its_last_record(tmp_path):
     run = tmp_path / "run"
     write_run(run, [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}, {"step": 2, "loss": 7.0}])
