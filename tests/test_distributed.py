@@ -57,6 +57,8 @@ def runs(tmp_path_factory):
     config.write_text(TINY.format(data=str(tmp / "shards"), runs=str(tmp / "runs")))
     common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}",
               *PROBE, "--evaluation.probe.rows=11",  # split 5 and 6 over the ranks
+              "--evaluation.metrics=['paloma', 'induction', 'attention']", "--evaluation.induction.sequences=5",
+              "--evaluation.induction.batch_size=2", "--evaluation.attention.rows=3",
               "--monitoring.loss_spikes.std_devs=0.01", "--monitoring.loss_spikes.window=2"]  # most rises
     run(config, *common, "--checkpointing.run_name=one")
     torchrun(config, *common, *TWO, "--checkpointing.run_name=ddp")
@@ -93,6 +95,22 @@ def test_two_processes_record_each_evaluation_rows_loss_as_one_does(runs, strate
                     for name in ("one", strategy))
         assert one["tokens"].tolist() == two["tokens"].tolist() == [32, 19, 32, 1, 16, 32, 8]  # data order
         np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_record_the_behaviour_measurements_of_one(runs, strategy):
+    dirs, _, _ = runs
+    for step in (0, 4, 6):
+        one, two = (json.loads((dirs[name] / "eval_results" / f"step_{step}.json").read_text())
+                    for name in ("one", strategy))
+        np.testing.assert_allclose(two["paloma_loss_by_position"], one["paloma_loss_by_position"], rtol=1e-5)
+        assert math.isclose(two["paloma_icl"]["score"], one["paloma_icl"]["score"], rel_tol=1e-4, abs_tol=1e-6)
+        for name in ("induction", "attention"):  # sequences split 2 and 3, rows 1 and 2 over the ranks
+            a, b = (np.load(dirs[d] / "eval_results" / f"step_{step}_{name}.npy") for d in ("one", strategy))
+            assert a.dtype == b.dtype and a["head"].tolist() == b["head"].tolist()
+            np.testing.assert_allclose(b[a.dtype.names[-1]], a[a.dtype.names[-1]], rtol=1e-4)
+        assert math.isclose(two["induction"]["loss_second_half"], one["induction"]["loss_second_half"],
+                            rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
