@@ -71,16 +71,21 @@ class Measured:
 
 # Perplexity on the evaluation set ------------------------------------------------------------
 
-def eval_rows(start: Start):
-    """evaluation.paloma's rows, when evaluation.metrics holds "paloma"."""
-    config = start.config.evaluation
-    if "paloma" not in (config.metrics or []):
-        return None
-    rows = start.eval_sets.read(config.paloma.dataset_name, config.paloma.dataset_split,
-                                key="evaluation.paloma.dataset_name")
+def evaluation_set(start: Start) -> data.EvalRows:
+    """The evaluation set, evaluation.paloma's: its rows, read once for all that measure them."""
+    paloma = start.config.evaluation.paloma
+    rows = start.eval_sets.read(paloma.dataset_name, paloma.dataset_split, key="evaluation.paloma.dataset_name")
     if not rows:
-        raise ConfigError(f"evaluation.paloma.dataset_name={config.paloma.dataset_name!r}: its "
-                          f"{config.paloma.dataset_split!r} split has no rows; expected an evaluation set")
+        raise ConfigError(f"evaluation.paloma.dataset_name={paloma.dataset_name!r}: its "
+                          f"{paloma.dataset_split!r} split has no rows; expected an evaluation set")
+    return rows
+
+
+def eval_rows(start: Start):
+    """The evaluation set, when evaluation.metrics holds "paloma"."""
+    if "paloma" not in (start.config.evaluation.metrics or []):
+        return None
+    rows = evaluation_set(start)
     late, longest = icl_positions(start.config)[1], max(len(row) - 1 for row in rows)
     if late >= longest:  # a reason to say so, not to stop
         start.notes.append(f"evaluation.paloma.icl_positions: the evaluation rows predict at most {longest} "
@@ -347,12 +352,7 @@ def attention_rows(start: Start):
     config = start.config.evaluation
     if "attention" not in (config.metrics or []):
         return None
-    rows = start.eval_sets.read(config.paloma.dataset_name, config.paloma.dataset_split,
-                                key="evaluation.paloma.dataset_name")
-    if not rows:
-        raise ConfigError(f"evaluation.paloma.dataset_name={config.paloma.dataset_name!r}: its "
-                          f"{config.paloma.dataset_split!r} split has no rows; expected an evaluation set")
-    return rows[:config.attention.rows]
+    return evaluation_set(start)[:config.attention.rows]
 
 
 @torch.no_grad()
