@@ -9,6 +9,8 @@ rest of the code never asks whether it runs distributed.
 
 import datetime
 import os
+import secrets
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,24 +24,70 @@ def world() -> tuple[int, int]:
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
-def start(backend: str, device: torch.device, group_of_one: bool):
+def start(backend: str, device: torch.device, group_of_one: bool, timeout: float = 600.0):
     """Join the job's process group: torchrun's (its environment names the rendezvous), or, with
     group_of_one (FSDP in a single process), a group of one. Returns a group for host-side flags:
-    a gloo all-reduce of one number costs the GPU nothing, where an NCCL one would wait for it."""
+    a gloo all-reduce of one number costs the GPU nothing, where an NCCL one would wait for it.
+    timeout (training.collective_timeout, seconds): a collective fails when a rank does not arrive
+    within it, so one rank's crash or hang ends the group instead of stalling it, and torchrun can
+    start it again. It must outlast what rank 0 does while the others wait: writing a checkpoint
+    of the largest model (seconds to a minute)."""
     under_torchrun = "MASTER_ADDR" in os.environ
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not under_torchrun and not group_of_one:
         return None
     if backend == "auto":  # config.validate refused NCCL without a GPU
         backend = "nccl" if device.type == "cuda" else "gloo"
     options = {"device_id": device} if backend == "nccl" else {}
-    if not under_torchrun:
+    timeout = datetime.timedelta(seconds=timeout)
+    if under_torchrun:  # torch's own env:// rendezvous, in a key space of this start's own
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        space = join_attempt(store, rank, world_size, timeout)
+        options.update(store=dist.PrefixStore(f"pico/{space}/group", store), rank=rank, world_size=world_size)
+    else:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
-    # A collective fails when a rank does not arrive within the timeout, so one rank's crash or
-    # hang ends the job instead of stalling it. It must outlast what rank 0 does while the others
-    # wait: writing a checkpoint of the largest model (seconds to a minute).
-    timeout = datetime.timedelta(minutes=10)
     dist.init_process_group(backend, timeout=timeout, **options)
     return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+
+class LostRank(Exception):
+    """A rank that died or stopped answering: the message names it and what happens next."""
+
+
+def join_attempt(store, rank: int, world_size: int, timeout: datetime.timedelta) -> str:
+    """A key space for this start of the group, the same on every rank and new. torchrun's agent
+    serves one store for the whole job (TORCHELASTIC_USE_AGENT_STORE), so a group started again
+    after a lost rank finds the keys of the group before; a rank that reads a dead peer's address
+    there fails to connect (gloo's connectFullMesh, NCCL's unique id), or waits for it. Nor can
+    TORCHELASTIC_RESTART_COUNT name the space: each node's agent counts only its own restarts. So
+    rank 0 draws a name and gives it to each rank in answer to a token that rank has just drawn,
+    which no earlier start can have answered; a rank's answer stays until it says it has joined."""
+    if rank != 0:
+        token = secrets.token_hex(8)
+        store.set(f"pico/ask/{rank}", token)
+        try:
+            space = store.get(f"pico/answer/{rank}/{token}").decode()  # waits up to the timeout
+        except RuntimeError:  # the store's timeout
+            raise LostRank(f"rank 0 did not answer within training.collective_timeout="
+                           f"{timeout.total_seconds():g} s") from None
+        store.set(f"pico/{space}/joined/{rank}", "1")
+        return space
+    space, waiting, answered = secrets.token_hex(8), set(range(1, world_size)), {}
+    deadline = time.monotonic() + timeout.total_seconds()
+    while waiting:
+        for r in sorted(waiting):
+            if store.check([f"pico/{space}/joined/{r}"]):
+                waiting.discard(r)
+            elif store.check([f"pico/ask/{r}"]):  # this start's token, or a dead rank's: answer both
+                token = store.get(f"pico/ask/{r}").decode()
+                if answered.get(r) != token:
+                    store.set(f"pico/answer/{r}/{token}", space)
+                    answered[r] = token
+        if waiting and time.monotonic() > deadline:
+            raise LostRank(f"rank{'s' * (len(waiting) > 1)} {', '.join(map(str, sorted(waiting)))} did not "
+                           f"join within training.collective_timeout={timeout.total_seconds():g} s")
+        time.sleep(0.01)
+    return space
 
 
 def barrier():

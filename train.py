@@ -59,9 +59,9 @@ def main(argv: list[str]) -> int:
     if run.start_step == max_steps and measures.done(max_steps):  # nothing to measure either
         return already_done(config, run, env)
 
-    # Several processes: join the others. Every rank has read and checked the same config, data
-    # and checkpoint, so a bad input has already stopped them all, each with the same line.
-    flags = distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp")
+    # Several processes: join the others. Each has checked the same inputs: a bad one stopped them all.
+    flags = distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp",
+                              config.training.collective_timeout)
     batches = data.BatchStream(shards, config.data.dataloader.batch_size, env.world_size, env.rank,
                                run.start_step, max_steps, pin_memory=env.device.type == "cuda",
                                timeout=config.data.dataset.read_timeout)
@@ -722,7 +722,7 @@ def report(error: Exception):
 if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
-    except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged) as e:
+    except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged, distributed.LostRank) as e:
         sys.exit(report(e))
     if dist.is_initialized():
         dist.destroy_process_group()
