@@ -10,7 +10,9 @@ rest of the code never asks whether it runs distributed.
 import datetime
 import os
 import secrets
+import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,10 +46,17 @@ def start(backend: str, device: torch.device, group_of_one: bool, timeout: float
         store.set_timeout(timeout)
         space = join_attempt(store, rank, world_size, timeout)
         options.update(store=dist.PrefixStore(f"pico/{space}/group", store), rank=rank, world_size=world_size)
+        global _attempt
+        _attempt = store, space
     else:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, timeout=timeout, **options)
     return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+
+# The store and key space of this start (join_attempt), where the survivors of a lost rank answer
+# a roll call (lost_ranks).
+_attempt = None
 
 
 class LostRank(Exception):
@@ -70,9 +79,11 @@ def join_attempt(store, rank: int, world_size: int, timeout: datetime.timedelta)
         except RuntimeError:  # the store's timeout
             raise LostRank(f"rank 0 did not answer within training.collective_timeout="
                            f"{timeout.total_seconds():g} s") from None
+        store.set(f"pico/{space}/process/{rank}", f"{socket.gethostname()} {os.getpid()}")  # for lost_ranks
         store.set(f"pico/{space}/joined/{rank}", "1")
         return space
     space, waiting, answered = secrets.token_hex(8), set(range(1, world_size)), {}
+    store.set(f"pico/{space}/process/0", f"{socket.gethostname()} {os.getpid()}")
     deadline = time.monotonic() + timeout.total_seconds()
     while waiting:
         for r in sorted(waiting):
@@ -88,6 +99,51 @@ def join_attempt(store, rank: int, world_size: int, timeout: datetime.timedelta)
                            f"join within training.collective_timeout={timeout.total_seconds():g} s")
         time.sleep(0.01)
     return space
+
+
+# Survivors of a lost rank fail in the same collective, moments apart; a rank that has not answered
+# the roll call by then is lost. (One busy outside any collective, as rank 0 writing a checkpoint
+# while the others wait, answers late and is named too: only the message is wrong.)
+ROLL_CALL_SECONDS = 5.0
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank died or stopped answering: torch's own
+    errors for that (NCCL's, the store's), or gloo's transport failing (a closed connection, a
+    timeout), which torch raises as a plain RuntimeError."""
+    return _attempt is not None and isinstance(error, RuntimeError) and (
+        isinstance(error, getattr(dist, "DistError", ())) or "gloo/transport" in str(error))
+
+
+def lost_ranks() -> list[int] | None:
+    """After a lost peer (lost_peer): the ranks that did not answer a roll call in this start's key
+    space, every survivor answering for itself: at once where each silent one ran on this host and
+    its process has ended or is stopped, else after ROLL_CALL_SECONDS. None if the store is gone
+    too (outside torchrun's agent, rank 0 hosts it)."""
+    (store, space), (world_size, rank) = _attempt, world()
+    deadline = time.monotonic() + ROLL_CALL_SECONDS
+    try:
+        store.set(f"pico/{space}/alive/{rank}", "1")
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"pico/{space}/alive/{r}"])]
+            if time.monotonic() > deadline or all(_ended_here(store.get(f"pico/{space}/process/{r}"))
+                                                  for r in missing):
+                return missing
+            time.sleep(0.05)
+    except RuntimeError:
+        return None
+
+
+def _ended_here(process: bytes) -> bool:
+    """Whether a process ("HOST PID") ran on this host and has ended, or is stopped (SIGSTOP)."""
+    host, pid = process.decode().split()
+    if host != socket.gethostname() or not os.path.exists("/proc/self/stat"):
+        return False  # known lost only by its silence
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # no such process
+        return True
+    return state in ("Z", "X", "T", "t")  # a zombie, dead, stopped, stopped by a tracer
 
 
 def barrier():
