@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 import data
 from config import typed
-from distributed import barrier, gather_rows, my_rows, world
+from distributed import barrier, gather_rows, lost_peer, my_rows, world
 from model import ModelConfig, PicoDecoder
 
 MANIFEST = "checkpoint.json"  # in each checkpoint: its files and their sizes, written last
@@ -522,7 +522,10 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             _point_latest(checkpoints_dir, final.name)
         barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, most often
-        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
+        if writer:  # rank 0's alone to remove: another rank's removal could race its rename
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not hold the space
+        if lost_peer(e):  # another rank was lost mid-save: the training loop says so
+            raise
         previous = latest_checkpoint(checkpoints_dir)
         needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
         raise CheckpointError(f"{tmp}: could not be written ({describe_error(e)}); "

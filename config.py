@@ -81,6 +81,9 @@ class TrainingConfig:
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; see train.py's parallelize
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    # Seconds a collective waits for a rank that stopped answering before it fails, so torchrun can
+    # restart the group; it must outlast rank 0's save of the largest checkpoint while the others wait
+    collective_timeout: PositiveFloat = 600.0
     reshard_after_forward: bool = True  # FSDP: gather each block again for its backward
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
 

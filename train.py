@@ -59,9 +59,9 @@ def main(argv: list[str]) -> int:
     if run.start_step == max_steps and measures.done(max_steps):  # nothing to measure either
         return already_done(config, run, env)
 
-    # Several processes: join the others. Every rank has read and checked the same config, data
-    # and checkpoint, so a bad input has already stopped them all, each with the same line.
-    flags = distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp")
+    # Several processes: join the others. Each has checked the same inputs: a bad one stopped them all.
+    flags = distributed.start(config.training.backend, env.device, config.training.distributed == "fsdp",
+                              config.training.collective_timeout)
     batches = data.BatchStream(shards, config.data.dataloader.batch_size, env.world_size, env.rank,
                                run.start_step, max_steps, pin_memory=env.device.type == "cuda",
                                timeout=config.data.dataset.read_timeout)
@@ -127,6 +127,8 @@ def main(argv: list[str]) -> int:
         # collective the others could time out). A barrier holds no tensor: a group destroyed while
         # gloo's worker thread still frees the last collective's tensor can deadlock on the GIL.
         distributed.barrier()
+    except RuntimeError as e:  # a collective that failed: another rank died or stopped answering?
+        raise lost_rank(e, run, config.training.collective_timeout) from None
     finally:
         batches.close()
         records.close()
@@ -706,6 +708,32 @@ class FiniteCheck:
                            f"training.optimization.lr or a training.optimization.max_grad_norm")
 
 
+def lost_rank(error: RuntimeError, run: Run, timeout: float) -> BaseException:
+    """What the loop raises for an error: where a collective failed because another rank died or
+    stopped answering (for `timeout` seconds), one line naming it and what follows, said by the
+    lowest surviving rank for all (the others exit 1 quietly); any other error as it is. torchrun
+    then starts the group again, which resumes from checkpoints/latest: the steps since are lost."""
+    if not distributed.lost_peer(error):
+        return error
+    lost, (world_size, rank) = distributed.lost_ranks(), distributed.world()
+    if lost == []:  # every rank answered: none is lost
+        return error
+    if lost and min(set(range(world_size)) - set(lost)) != rank:
+        return SystemExit(1)
+    text = str(error).lower()
+    who = "another rank" if lost is None else f"rank{'s' * (len(lost) > 1)} {', '.join(map(str, lost))}"
+    hung = "timed out" in text or "timeout" in text
+    why = f"no answer within training.collective_timeout={timeout:g} s" if hung else "connection closed"
+    latest = checkpoint.latest_checkpoint(run.dir / "checkpoints")
+    resume = f"step {latest.name.removeprefix('step_')}" if latest else "step 0"
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS")  # this node's torchrun's
+    left = int(restarts or 0) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    used_up = f"no torchrun restarts left (--max-restarts={restarts}): " if restarts else ""
+    then = (f"torchrun starts the group again ({left} of --max-restarts={restarts} left) and the run resumes"
+            if left > 0 else f"{used_up}re-run the same command to resume")
+    return distributed.LostRank(f"lost {who} ({why}); {then} from {resume}")
+
+
 def report(error: Exception):
     """The one line a failed run ends with. Under torchrun every rank fails alike on a bad input
     found before training, and only local rank 0 says so; a failure during training is rank
@@ -722,7 +750,7 @@ def report(error: Exception):
 if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
-    except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged) as e:
+    except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged, distributed.LostRank) as e:
         sys.exit(report(e))
     if dist.is_initialized():
         dist.destroy_process_group()
