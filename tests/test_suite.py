@@ -157,11 +157,12 @@ def test_the_plan_states_the_bytes_the_checkpoints_then_take(demo):
 def test_a_plan_that_does_not_fit_on_the_disk_is_a_warning(tiny, monkeypatch, capsys):
     import collections
 
+    import records
     import train
 
     config, _ = tiny
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(records.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     assert train.main([str(config), "--training.max_steps=2"]) == 0
     (warning,) = [line for line in capsys.readouterr().out.splitlines() if "is free" in line]
     assert re.search(r"plan: the checkpoints need [\d.]+ [KM]B and only 1 KB is free", warning)
@@ -171,8 +172,8 @@ def test_the_run_directory_holds_the_code_of_each_start(demo):
     run_dir, _ = demo
     (copy,) = (run_dir / "code").iterdir()
     assert (run_dir / "logs" / f"log_{copy.name}.log").is_file()  # the same start
-    for name in ("train.py", "model.py", "config.py", "data.py", "checkpoint.py", "configs/local.py",
-                 "requirements.txt"):
+    for name in ("train.py", "model.py", "config.py", "data.py", "checkpoint.py", "evaluation.py", "records.py",
+                 "distributed.py", "configs/local.py", "requirements.txt"):
         assert (copy / name).read_bytes() == (ROOT / name).read_bytes()
 
 
