@@ -448,7 +448,10 @@ class BatchStream:
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         # The first batch is read in the caller's thread: a bad shard is reported before any compute.
-        self.queue.put(self._load(start_step))
+        # (A run resumed at its end only evaluates: it reads none, so a dataset of exactly the
+        # run's rows has no row too few.)
+        if start_step < end_step:
+            self.queue.put(self._load(start_step))
         self.thread = threading.Thread(target=self._run, args=(start_step + 1, end_step), daemon=True)
         self.thread.start()
 
@@ -467,7 +470,12 @@ class BatchStream:
                 with contextlib.suppress(queue.Full):
                     self.queue.put(item, timeout=0.1)
                     break
-            if self.stop.is_set() or isinstance(item, Exception):
+            failed = isinstance(item, Exception)
+            # Once handed over, the batch is the loop's: were this thread to hold its last
+            # reference, the tensor would be freed here, and a thread that frees a tensor while
+            # the interpreter shuts down aborts the process (close() says how).
+            del item
+            if self.stop.is_set() or failed:
                 return
 
     def __next__(self) -> torch.Tensor:
@@ -493,8 +501,15 @@ class BatchStream:
                         f"read_timeout): the reader is stuck, on a Hub that stopped answering?; "
                         f"re-run the same command to resume")
 
-    def close(self):
+    def close(self, timeout: float = 5.0):
+        """Stop the reader and wait for it (a read in flight ends within `timeout` seconds; one
+        stuck on the network is left behind). A daemon thread still running as the interpreter
+        shuts down is ended by pthread_exit wherever it next takes the GIL; inside a C++
+        destructor (a batch's tensor, freed at the end of _run) that aborts the whole process
+        with "terminate called without an active exception", turning a stop signal's exit 0 into
+        134."""
         self.stop.set()
+        self.thread.join(timeout)
 
 
 def shard_order(files: list, order_seed: int) -> list:
