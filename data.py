@@ -41,6 +41,7 @@ from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_do
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import silent_tqdm
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from config import ConfigError, load_config
 
@@ -563,6 +564,13 @@ def in_split(file: str, split: str) -> bool:
     return split in parts[:-1] or re.match(rf"{re.escape(split)}[-_.]", parts[-1]) is not None
 
 
+class QuietTqdm(hf_tqdm):
+    """huggingface_hub's progress bar, switched off: a run's output is its log."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
 def hub_parquet_files(name: str, split: str | None, key: str) -> list[tuple[str, Path]]:
     """The .parquet files of a Hub dataset repo (namespace/name[@revision]), of `split` only
     (in_split) unless it is None, downloaded into the Hugging Face cache (so HF_HUB_OFFLINE=1 reads
@@ -574,7 +582,7 @@ def hub_parquet_files(name: str, split: str | None, key: str) -> list[tuple[str,
                                                     f"*/{split}[-_.]*.parquet"]
     try:
         folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                        allow_patterns=patterns, tqdm_class=silent_tqdm))
+                                        allow_patterns=patterns, tqdm_class=QuietTqdm))
     except RepositoryNotFoundError:
         raise DataError(without_token(
             f"{key}={name!r}: no local directory of that name, and no dataset repo {repo_id} on "

@@ -439,8 +439,13 @@ def task_rows(start: Start) -> list[Task] | None:
                               f"name {key!r}; expected tasks of different names")
         keys[key] = name
         columns, where = read_task(name, cfg.split, config)
-        tasks.append(tokenize_task(name, key, columns, where, cfg.max_items, encode,
-                                   config.model.max_seq_len + 1))
+        task = tokenize_task(name, key, columns, where, cfg.max_items, encode, config.model.max_seq_len + 1)
+        largest = max(int(ids.max()) for item in task.texts for ids, _ in item)
+        if largest >= config.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size}: the tokenizer data.tokenizer.name="
+                              f"{config.data.tokenizer.name!r} gives task {name} token id {largest}; expected "
+                              f"the tokenizer of the model's vocabulary")
+        tasks.append(task)
     return tasks
 
 
