@@ -687,7 +687,7 @@ def tasks(model: PicoDecoder, rows: list[Task], at: At) -> Measured:
         summary, items = task_results(task, logp)
         results[task.key] = summary
         record.update({f"tasks/{task.key}/{name}": value for name, value in summary.items()
-                       if isinstance(value, float) and name != "chance"})
+                       if isinstance(value, float)})  # chance too, for a plot to draw
         record.update({f"tasks/{task.key}/{column}/{value}": accuracy
                        for column, by_value in summary["groups"].items() for value, accuracy in by_value.items()})
         per_row[task.key] = items
