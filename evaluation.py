@@ -599,6 +599,10 @@ def tokenize_task(name: str, key: str, columns: dict, where: list, max_items: in
             whole = encode(contexts[i] + continuation) if contexts[i] else encode(continuation)
             ids = [encode.document_start] + whole
             scored = len(whole) - len(context)
+            if not choice or scored < 1:  # nothing to score: no log-probability, no normalisation
+                file, row_in_file = file_of(i)
+                raise DataError(f"{file}: row {row_in_file}'s {'sentence' if kind == 'minimal_pairs' else 'choice'} "
+                                f"{c} is empty{'' if not choice else ' once tokenized'}; expected text")
             texts[-1].append((np.array(ids[-max_len:], dtype=np.int64), min(scored, max_len - 1)))
             text_bytes[row, c] = len(continuation.encode("utf-8"))
     groups = {column: [columns[column][i] for i in picked] for column in GROUP_COLUMNS if column in columns}

@@ -216,6 +216,8 @@ def test_the_builtin_task_is_the_same_each_time_and_every_bad_line_is_bad_python
     ({"question": ["q"], "choices": [["a", "b"]], "label": [2]}, "row 0 has label 2 for 2 choices"),
     ({"question": ["q"], "choices": ["a b"], "label": [0]}, "column 'choices' has type string; expected a list"),
     ({"sentence_good": pa.array([], pa.string()), "sentence_bad": pa.array([], pa.string())}, "has no items"),
+    ({"sentence_good": ["a", "b"], "sentence_bad": ["c", None]}, "row 1 holds a null in column 'sentence_bad'"),
+    ({"ctx": ["q", "r"], "choices": [["a"], ["b", ""]], "label": [0, 0]}, "row 1's choice 1 is empty"),
 ])
 def test_a_bad_task_is_one_line_naming_its_file_and_what_was_expected(tmp_path, columns, culprit):
     task = write_task(tmp_path / "bad", columns)
@@ -232,6 +234,15 @@ def test_a_bad_task_is_one_line_naming_its_file_and_what_was_expected(tmp_path, 
 def test_an_unknown_task_name_is_one_line(name, culprit):
     with pytest.raises(pico_config.ConfigError, match=culprit):
         measure(task_config(name))
+
+
+def test_without_the_tokenizers_package_one_line_says_how_to_install_it(monkeypatch):
+    import sys
+    import data
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
+    with pytest.raises(pico_config.ConfigError, match="^evaluation.tasks needs the tokenizers package: "
+                                                      "pip install tokenizers$"):
+        evaluation.TokenizerEncoder("bytes", data.byte_tokenizer(32))
 
 
 def test_tasks_without_names_or_the_tokenizer_of_the_vocabulary_are_refused(tmp_path):
