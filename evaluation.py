@@ -408,7 +408,8 @@ def attention_entropy(model: PicoDecoder, rows: list, at: At) -> Measured:
 BUILTIN_PYTHON_SYNTAX = "builtin:python-syntax"
 CONTEXT_COLUMNS = ("context", "ctx", "question")
 GROUP_COLUMNS = ("UID", "linguistics_term", "field", "corruption")
-TASK_NAMES = f"a Hub dataset repo (namespace/name[@revision]), a local directory of Parquet files or {BUILTIN_PYTHON_SYNTAX!r}"
+TASK_NAMES = (f"a Hub dataset repo (namespace/name[@revision]), a local directory of Parquet files or "
+              f"{BUILTIN_PYTHON_SYNTAX!r}")
 
 
 @dataclasses.dataclass
@@ -512,7 +513,8 @@ def read_task(name: str, split: str | None, config: Config) -> tuple[dict, list]
         if split is not None and (directory / split).is_dir():
             directory, split = directory / split, None
         paths = sorted(directory.rglob("*.parquet"))
-        files = [(str(p), p) for p in paths if split is None or data.in_split(p.relative_to(directory).as_posix(), split)]
+        files = [(str(path), path) for path in paths
+                 if split is None or data.in_split(path.relative_to(directory).as_posix(), split)]
         if not files:
             of_split = "" if split is None else f" of split {split!r} (a folder {split}/ or files named {split}-*)"
             raise DataError(f"{key}: {name} holds no .parquet files{of_split}")
@@ -553,10 +555,12 @@ def checked_column(table, column: str, file: str) -> list:
     """A column's values, checked to be of its kind: text, a list of texts, an integer label."""
     kind = table.schema.field(column).type
     expected = {"choices": "a list of strings", "label": "integers"}.get(column, "strings")
-    fits = {"choices": pa.types.is_list(kind) or pa.types.is_large_list(kind),
-            "label": pa.types.is_integer(kind)}.get(column, pa.types.is_string(kind) or pa.types.is_large_string(kind))
-    if fits and column == "choices":
-        fits = pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+    def text(kind) -> bool:
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if column == "choices":
+        fits = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and text(kind.value_type)
+    else:
+        fits = pa.types.is_integer(kind) if column == "label" else text(kind)
     if not fits:
         raise DataError(f"{file}: column {column!r} has type {kind}; expected {expected}")
     values = table.column(column).to_pylist()
@@ -594,15 +598,17 @@ def tokenize_task(name: str, key: str, columns: dict, where: list, max_items: in
         context = encode(contexts[i]) if contexts[i] else []
         texts.append([])
         for c, choice in enumerate(choices[i]):
-            continuation = choice if not contexts[i] or contexts[i][-1:].isspace() or choice[:1].isspace() else " " + choice
+            spaced = not contexts[i] or contexts[i][-1:].isspace() or choice[:1].isspace()
+            continuation = choice if spaced else " " + choice
             # lm-eval-harness's split: the context's tokens, then what encoding both together adds
             whole = encode(contexts[i] + continuation) if contexts[i] else encode(continuation)
             ids = [encode.document_start] + whole
             scored = len(whole) - len(context)
             if not choice or scored < 1:  # nothing to score: no log-probability, no normalisation
                 file, row_in_file = file_of(i)
-                raise DataError(f"{file}: row {row_in_file}'s {'sentence' if kind == 'minimal_pairs' else 'choice'} "
-                                f"{c} is empty{'' if not choice else ' once tokenized'}; expected text")
+                what = ("sentence_good", "sentence_bad")[c] if kind == "minimal_pairs" else f"choice {c}"
+                raise DataError(f"{file}: row {row_in_file}'s {what} is empty"
+                                f"{'' if not choice else ' once tokenized'}; expected text")
             texts[-1].append((np.array(ids[-max_len:], dtype=np.int64), min(scored, max_len - 1)))
             text_bytes[row, c] = len(continuation.encode("utf-8"))
     groups = {column: [columns[column][i] for i in picked] for column in GROUP_COLUMNS if column in columns}
