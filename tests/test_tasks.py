@@ -157,7 +157,7 @@ def measure(config: pico_config.Config) -> evaluation.Measured:
     return evaluation.tasks(uniform_model(), rows, at)
 
 
-def test_a_task_of_a_hub_dataset_repo_gets_the_answers_a_uniform_model_must_give(hub, tmp_path):
+def test_a_task_of_a_hub_dataset_repo_gets_the_answers_a_uniform_model_must_give(hub, tmp_path, monkeypatch):
     for revision in ("main", "v2"):
         write_task(tmp_path / revision / "data", PAIRS)
         # another split, whose bad sentence is shorter (always preferred): it must not be read
@@ -174,6 +174,10 @@ def test_a_task_of_a_hub_dataset_repo_gets_the_answers_a_uniform_model_must_give
     np.testing.assert_allclose(items["margin"], (lengths[:, 1] - lengths[:, 0]) * math.log(257), rtol=1e-6)
     assert measured.results["tasks"]["blimp"]["accuracy"] == 0.4  # two shorter, two ties (wrong), one longer
     assert measured.record["tasks/blimp/UID/word_order"] == 1.0 and measured.record["tasks/blimp/UID/tense"] == 0.0
+    from hub_server import point_huggingface_hub_at
+    point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf-cache", offline=True)
+    offline = measure(task_config("pico-test/blimp@v2", split="validation"))  # from the cache alone
+    assert offline.results == measured.results
 
 
 def test_a_uniform_model_ties_every_normalised_choice_and_prefers_the_shortest_unnormalised(tmp_path):
