@@ -724,12 +724,10 @@ def choice_logprobs(model: PicoDecoder, task: Task, batch_size: int, device: tor
         for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
             scores.append(-F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100, reduction="sum"))
     model.train()
-    width = task.text_bytes.shape[1]
-    logp = torch.full((len(mine), width), math.nan, dtype=torch.float64, device=device)
-    scores = iter(scores)
-    for i, item in enumerate(mine):
-        for c in range(len(item)):
-            logp[i, c] = next(scores).double()
+    logp = torch.full((len(mine), task.text_bytes.shape[1]), math.nan, dtype=torch.float64, device=device)
+    if scores:  # a rank may have no items, when there are fewer than ranks
+        item, choice = zip(*[(i, c) for i, texts_of_item in enumerate(mine) for c in range(len(texts_of_item))])
+        logp[list(item), list(choice)] = torch.stack(scores).double()
     return gather_rows(logp, counts).cpu().numpy()
 
 
