@@ -39,11 +39,12 @@ share of the 1,000 steps between two checkpoints: of --batch-size rows, and of t
 copied to the host and read during the next step), with and without it in interleaved blocks of
 steps.
 
-    python bench.py --measure paloma probe induction attention [--model small] [--val-rows 64]
+    python bench.py --measure paloma probe induction attention tasks [--model small] [--val-rows 64]
 
 What each measurement of a checkpoint (evaluation.py) costs, at its config's defaults, as a share
 of the 1,000 training steps between two checkpoints: of --batch-size rows, and of the suite's
-1,024 (the step's time scaled by rows). Random tokens; --val-rows rows in the evaluation set.
+1,024 (the step's time scaled by rows). Random tokens; --val-rows rows in the evaluation set;
+tasks: the demo's builtin:python-syntax, byte by byte.
 
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
@@ -390,6 +391,9 @@ def bench_measurements(args, device: torch.device):
     config.evaluation.metrics = [m for m in args.measure if m != "probe"]
     config.evaluation.probe.rows = config.evaluation.probe.rows if "probe" in args.measure else 0
     config.training.max_steps, config.data.dataloader.batch_size = 1, 1024  # the probe's rows: 1,024
+    # The demo's task, which needs no network: 400 pairs of lines of Python, one token per byte (a
+    # suite's BPE tokenizer makes its texts about 4 times shorter, BLiMP's 2,000 pairs about as long)
+    config.data.tokenizer.name, config.evaluation.tasks.names = "bytes", ["builtin:python-syntax"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -857,7 +861,7 @@ def main() -> None:
     parser.add_argument("--layer-stats", action="store_true", help="the cost of per-layer statistics instead")
     parser.add_argument("--probe", action="store_true",
                         help="the cost of the training probe, memorization and spike detection instead")
-    parser.add_argument("--measure", nargs="+", choices=["paloma", "probe", "induction", "attention"],
+    parser.add_argument("--measure", nargs="+", choices=["paloma", "probe", "induction", "attention", "tasks"],
                         help="the cost of these measurements of a checkpoint instead (see above)")
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
     parser.add_argument("--micro-batch", type=int, nargs="+",

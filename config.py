@@ -172,14 +172,29 @@ class AttentionEvaluationConfig:
 
 
 @dataclass(slots=True)
+class TasksEvaluationConfig:
+    # With "tasks" in evaluation.metrics: each a Hub dataset repo (namespace/name[@revision]), a local
+    # directory of Parquet files or "builtin:python-syntax" (minimal pairs from the embedded corpus's
+    # held-out rows). The kind of task follows from its columns (see evaluation.py and README)
+    names: list[str] = field(default_factory=list)
+    # The files of one split: a folder of that name or files named split-* (data.in_split); None: all
+    split: str | None = None
+    max_items: Positive | None = None  # per task, spread evenly over its items; None: every item
+    batch_size: Positive = 16  # sequences (a pair's sentences, a question's choices) per forward
+
+
+@dataclass(slots=True)
 class EvaluationConfig:
     # What every checkpoint is evaluated on: "paloma" (perplexity, loss by position and the
-    # in-context learning score), "induction" (induction heads), "attention" (attention entropy)
-    metrics: list[Literal["paloma", "induction", "attention"]] | None = field(default_factory=lambda: ["paloma"])
+    # in-context learning score), "induction" (induction heads), "attention" (attention entropy),
+    # "tasks" (evaluation.tasks: minimal pairs and multiple choice, each item's result kept)
+    metrics: list[Literal["paloma", "induction", "attention", "tasks"]] | None = field(
+        default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
     induction: InductionEvaluationConfig = field(default_factory=InductionEvaluationConfig)
     attention: AttentionEvaluationConfig = field(default_factory=AttentionEvaluationConfig)
+    tasks: TasksEvaluationConfig = field(default_factory=TasksEvaluationConfig)
 
 
 @dataclass(slots=True)
@@ -396,6 +411,8 @@ def validate(config: Config, world_size: int):
     hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
     icl, induction = config.evaluation.paloma.icl_positions, config.evaluation.induction.length
     seq_len, cuda = config.model.max_seq_len, torch.cuda.is_available()
+    tasks = config.evaluation.tasks.names
+    tasks_on = "tasks" in (config.evaluation.metrics or [])
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
          f"a positive multiple of world size x training.optimization.gradient_accumulation_steps "
@@ -421,6 +438,10 @@ def validate(config: Config, world_size: int):
          f"None or two positions, the early before the late, below model.max_seq_len={seq_len}"),
         ("evaluation.induction.length", induction, induction is None or 2 <= induction <= seq_len // 2,
          f"None or 2 to model.max_seq_len / 2 = {seq_len // 2} tokens: the sequence is two of them"),
+        ("evaluation.tasks.names", tasks, tasks or not tasks_on,
+         "at least one task (a Hub dataset repo, a directory of Parquet files or 'builtin:python-syntax') "
+         "when evaluation.metrics holds 'tasks'"),
+        ("evaluation.tasks.names", tasks, len(set(tasks)) == len(tasks), "each task once"),
     ]
     problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
                                           for key, value, ok, expected in rules if not ok]

@@ -41,6 +41,7 @@ from huggingface_hub import HfApi, HfFileSystem, constants, get_token, hf_hub_do
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import silent_tqdm
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from config import ConfigError, load_config
 
@@ -576,6 +577,43 @@ def in_split(file: str, split: str) -> bool:
     with it (pico-lm's "data/val-00000-of-00001.parquet")."""
     parts = Path(file).parts
     return split in parts[:-1] or re.match(rf"{re.escape(split)}[-_.]", parts[-1]) is not None
+
+
+class QuietTqdm(hf_tqdm):
+    """huggingface_hub's progress bar, switched off: a run's output is its log."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+def hub_parquet_files(name: str, split: str | None, key: str) -> list[tuple[str, Path]]:
+    """The .parquet files of a Hub dataset repo (namespace/name[@revision]), of `split` only
+    (in_split) unless it is None, downloaded into the Hugging Face cache (so HF_HUB_OFFLINE=1 reads
+    them there): [(its hf:// address, for errors; its local path)] in path order. For a dataset of
+    other columns than pre-tokenized rows (evaluation.tasks); errors name the key and the repo."""
+    repo_id, revision = hub_repo(name)
+    # snapshot_download's patterns are fnmatch's, where * also crosses "/": in_split picks exactly
+    patterns = ["*.parquet"] if split is None else [f"*{split}/*.parquet", f"{split}[-_.]*.parquet",
+                                                    f"*/{split}[-_.]*.parquet"]
+    try:
+        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                        allow_patterns=patterns, tqdm_class=QuietTqdm))
+    except RepositoryNotFoundError:
+        raise DataError(without_token(
+            f"{key}={name!r}: no local directory of that name, and no dataset repo {repo_id} on "
+            f"{constants.ENDPOINT} (a private or gated repo needs a token: set HF_TOKEN or run "
+            f"`hf auth login`)")) from None
+    except RevisionNotFoundError:
+        raise DataError(f"{key}={name!r}: dataset repo {repo_id} has no revision {revision!r}") from None
+    except Exception as e:
+        raise DataError(without_token(f"{key}={name!r}: could not download its Parquet files "
+                                      f"({hub_failure(e)})")) from None
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.parquet"))
+    picked = [file for file in files if split is None or in_split(file, split)]
+    if not picked:
+        of_split = "" if split is None else f" of split {split!r} (a folder {split}/ or files named {split}-*)"
+        raise DataError(f"{key}={name!r}: dataset repo {repo_id} holds no .parquet files{of_split}")
+    return [(f"hf://datasets/{name}/{file}", folder / file) for file in picked]
 
 
 def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0,

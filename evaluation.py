@@ -17,14 +17,20 @@ written. MEASUREMENTS pairs the two: adding a measurement is a function and a li
                  memorization test, by whether and how long ago the run trained on it
     induction    induction heads: each head's prefix matching on repeated random tokens
     attention    each head's attention entropy on the evaluation set's first rows
+    tasks        minimal pairs and multiple choice (evaluation.tasks): each task's accuracy, overall
+                 and per group, and each item's result
 """
 
 import contextlib
 import dataclasses
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 import data
 from checkpoint import save_array, write_atomically
 from config import Config, ConfigError
+from data import DataError
 from distributed import gather_rows, my_rows, world
 from model import PicoDecoder
 from records import Records, json_line
@@ -384,6 +391,392 @@ def attention_entropy(model: PicoDecoder, rows: list, at: At) -> Measured:
         line=f"attention step {at.step} | entropy per layer " + ", ".join(f"{v:.3f}" for v in entropy.mean(1).tolist()))
 
 
+# Tasks: minimal pairs and multiple choice ------------------------------------------------------
+#
+# A task is a dataset of items, each scored by the log-probabilities the model gives to texts:
+#   minimal pairs (BLiMP, Warstadt et al. 2020): columns sentence_good and sentence_bad; an item
+#     is right when the good sentence has the higher total log-probability;
+#   multiple choice (lm-eval-harness): a context (one of CONTEXT_COLUMNS), choices (a list of
+#     strings) and label (the right choice's index); each choice is scored as the continuation of
+#     the context, after one space (lm-eval-harness's target delimiter) unless either side has it.
+# GROUP_COLUMNS that a task has (BLiMP's UID and linguistics_term) give an accuracy per group.
+# Every text is preceded by the tokenizer's document start (the byte tokenizer's end-of-document
+# id; else bos_token, else eos_token), as a document of the training data is, so that the first
+# token is predicted too. No tokenizer runs in the training loop: every item is read and
+# tokenized once, before the first step.
+
+BUILTIN_PYTHON_SYNTAX = "builtin:python-syntax"
+CONTEXT_COLUMNS = ("context", "ctx", "question")
+GROUP_COLUMNS = ("UID", "linguistics_term", "field", "corruption")
+TASK_NAMES = (f"a Hub dataset repo (namespace/name[@revision]), a local directory of Parquet files or "
+              f"{BUILTIN_PYTHON_SYNTAX!r}")
+
+
+@dataclasses.dataclass
+class Task:
+    """A task's items, tokenized: each item's texts (a pair's good and bad sentence, a question's
+    choices) as (token ids, how many of the last ones are scored)."""
+    name: str  # as evaluation.tasks.names gives it
+    key: str  # its short name in records and files
+    kind: str  # "minimal_pairs" or "multiple_choice"
+    items: np.ndarray  # each item's index in the task's rows (its files in path order, then row order)
+    texts: list  # per item, per choice: (token ids, scored tokens)
+    label: np.ndarray  # the right choice's index; 0 (the good sentence) for minimal pairs
+    text_bytes: np.ndarray  # [items, most choices]: UTF-8 bytes of each scored text, nan where none
+    groups: dict  # grouping column: each item's value
+
+
+def task_rows(start: Start) -> list[Task] | None:
+    """evaluation.tasks.names, each read, checked and tokenized, with "tasks" in evaluation.metrics."""
+    config = start.config
+    if "tasks" not in (config.evaluation.metrics or []):
+        return None
+    cfg, encode = config.evaluation.tasks, text_encoder(config)
+    keys, tasks = {}, []
+    for name in cfg.names:
+        key = task_key(name)
+        if key in keys:
+            raise ConfigError(f"evaluation.tasks.names: {name!r} and {keys[key]!r} have the same short "
+                              f"name {key!r}; expected tasks of different names")
+        keys[key] = name
+        columns, where = read_task(name, cfg.split, config)
+        task = tokenize_task(name, key, columns, where, cfg.max_items, encode, config.model.max_seq_len + 1)
+        largest = max(int(ids.max()) for item in task.texts for ids, _ in item)
+        if largest >= config.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size}: the tokenizer data.tokenizer.name="
+                              f"{config.data.tokenizer.name!r} gives task {name} token id {largest}; expected "
+                              f"the tokenizer of the model's vocabulary")
+        tasks.append(task)
+    return tasks
+
+
+def task_key(name: str) -> str:
+    """A task's short name: the last part of its repo id or directory, without any @revision."""
+    if name.startswith("builtin:"):
+        return name[len("builtin:"):]
+    return Path(name.split("@")[0].rstrip("/")).name
+
+
+class ByteEncoder:
+    """The byte tokenizer's: each UTF-8 byte is its id."""
+    document_start = data.EOD_ID
+
+    def __call__(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class TokenizerEncoder:
+    """data.tokenizer.name's tokenizer.json, with the `tokenizers` package, as the checkpoints carry it."""
+
+    def __init__(self, name: str, files: dict[str, bytes]):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("evaluation.tasks needs the tokenizers package: pip install tokenizers") from None
+        if "tokenizer.json" not in files:
+            raise ConfigError(f"data.tokenizer.name={name!r}: has no tokenizer.json; evaluation.tasks "
+                              f"needs one")
+        self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
+        settings = json.loads(files.get("tokenizer_config.json", b"{}"))
+        starts = [settings.get(k) for k in ("bos_token", "eos_token")]
+        starts = [s.get("content") if isinstance(s, dict) else s for s in starts]
+        ids = [self.tokenizer.token_to_id(s) for s in starts if s]
+        if not any(i is not None for i in ids):
+            raise ConfigError(f"data.tokenizer.name={name!r}: its tokenizer_config.json names no "
+                              f"bos_token or eos_token; evaluation.tasks starts every text with one")
+        self.document_start = next(i for i in ids if i is not None)
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def text_encoder(config: Config):
+    name = config.data.tokenizer.name
+    if name == "bytes":
+        return ByteEncoder()
+    if name is None:
+        raise ConfigError("data.tokenizer.name=None: evaluation.tasks needs the tokenizer that made the "
+                          "ids ('bytes' or a Hub model repo) to tokenize its texts")
+    return TokenizerEncoder(name, data.tokenizer_files(name, config.model.max_seq_len))
+
+
+def read_task(name: str, split: str | None, config: Config) -> tuple[dict, list]:
+    """A task's columns, every file's rows concatenated in path order, and where each row comes
+    from: [(file, its first row's index)]."""
+    key = "evaluation.tasks.names"
+    if name == BUILTIN_PYTHON_SYNTAX:
+        return python_syntax_pairs(config.model.max_seq_len, config.data.seed), [(name, 0)]
+    if name.startswith("builtin:"):
+        raise ConfigError(f"{key}: {name!r} is not a built-in task; expected {TASK_NAMES}")
+    if Path(name).is_dir():
+        directory = Path(name)
+        if split is not None and (directory / split).is_dir():
+            directory, split = directory / split, None
+        paths = sorted(directory.rglob("*.parquet"))
+        files = [(str(path), path) for path in paths
+                 if split is None or data.in_split(path.relative_to(directory).as_posix(), split)]
+        if not files:
+            of_split = "" if split is None else f" of split {split!r} (a folder {split}/ or files named {split}-*)"
+            raise DataError(f"{key}: {name} holds no .parquet files{of_split}")
+    elif data.hub_repo(name):
+        files = data.hub_parquet_files(name, split, key)
+    else:
+        raise ConfigError(f"{key}: {name!r} is no directory and no Hub repo id; expected {TASK_NAMES}")
+    columns, where = {}, []
+    for file, path in files:
+        table = data.read_column(file, lambda: pq.read_table(path))
+        kind = task_kind(table.schema, file, name)
+        if columns and kind != columns["kind"]:
+            raise DataError(f"{file}: a {kind.replace('_', ' ')} file in task {name}, whose first file "
+                            f"holds {columns['kind'].replace('_', ' ')}; expected one kind of task")
+        where.append((file, len(columns.get("label", columns.get("sentence_good", [])))))
+        columns["kind"] = kind
+        scored = ["sentence_good", "sentence_bad"] if kind == "minimal_pairs" else ["choices", "label"]
+        for column in scored + [c for c in GROUP_COLUMNS if c in table.schema.names]:
+            columns.setdefault(column, []).extend(checked_column(table, column, file))
+        if kind == "multiple_choice":  # one context column, whichever of the names the file uses
+            context = next(c for c in CONTEXT_COLUMNS if c in table.schema.names)
+            columns.setdefault("context", []).extend(checked_column(table, context, file))
+    return columns, where
+
+
+def task_kind(schema, file: str, name: str) -> str:
+    names = set(schema.names)
+    if {"sentence_good", "sentence_bad"} <= names:
+        return "minimal_pairs"
+    if {"choices", "label"} <= names and names & set(CONTEXT_COLUMNS):
+        return "multiple_choice"
+    raise DataError(f"{file}: task {name} has columns {', '.join(schema.names)}; expected sentence_good "
+                    f"and sentence_bad (minimal pairs), or one of {', '.join(CONTEXT_COLUMNS)} with choices "
+                    f"and label (multiple choice)")
+
+
+def checked_column(table, column: str, file: str) -> list:
+    """A column's values, checked to be of its kind: text, a list of texts, an integer label."""
+    kind = table.schema.field(column).type
+    expected = {"choices": "a list of strings", "label": "integers"}.get(column, "strings")
+    def text(kind) -> bool:
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if column == "choices":
+        fits = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and text(kind.value_type)
+    else:
+        fits = pa.types.is_integer(kind) if column == "label" else text(kind)
+    if not fits:
+        raise DataError(f"{file}: column {column!r} has type {kind}; expected {expected}")
+    values = table.column(column).to_pylist()
+    bad = next((i for i, v in enumerate(values) if v is None or column == "choices" and None in v), None)
+    if bad is not None:
+        raise DataError(f"{file}: row {bad} holds a null in column {column!r}; expected {expected}")
+    return values
+
+
+def tokenize_task(name: str, key: str, columns: dict, where: list, max_items: int | None, encode,
+                  max_len: int) -> Task:
+    """The task's items, checked (labels in range), up to max_items spread evenly over them
+    (BLiMP's files are sorted by phenomenon: the first N would be one or two), tokenized."""
+    kind = columns.get("kind")
+    n = len(columns.get("sentence_good" if kind == "minimal_pairs" else "label", []))
+    if n == 0:
+        raise DataError(f"evaluation.tasks.names: task {name} has no items; expected at least one row")
+
+    def file_of(i: int) -> tuple[str, int]:
+        file, first = next((f, first) for f, first in reversed(where) if first <= i)
+        return file, i - first
+    if kind == "minimal_pairs":
+        choices = [[good, bad] for good, bad in zip(columns["sentence_good"], columns["sentence_bad"])]
+        labels, contexts = [0] * n, [""] * n
+    else:
+        choices, labels, contexts = columns["choices"], columns["label"], columns["context"]
+        for i, (options, label) in enumerate(zip(choices, labels)):
+            if not 0 <= label < len(options):
+                file, row = file_of(i)
+                raise DataError(f"{file}: row {row} has label {label} for {len(options)} choices; expected "
+                                f"an index in [0, {len(options)})")
+    picked = np.arange(n) if max_items is None or max_items >= n else data.probe_positions(max_items, n)
+    texts, text_bytes = [], np.full((len(picked), max(len(choices[i]) for i in picked)), np.nan)
+    for row, i in enumerate(picked):
+        context = encode(contexts[i]) if contexts[i] else []
+        texts.append([])
+        for c, choice in enumerate(choices[i]):
+            spaced = not contexts[i] or contexts[i][-1:].isspace() or choice[:1].isspace()
+            continuation = choice if spaced else " " + choice
+            # lm-eval-harness's split: the context's tokens, then what encoding both together adds
+            whole = encode(contexts[i] + continuation) if contexts[i] else encode(continuation)
+            ids = [encode.document_start] + whole
+            scored = len(whole) - len(context)
+            if not choice or scored < 1:  # nothing to score: no log-probability, no normalisation
+                file, row_in_file = file_of(i)
+                what = ("sentence_good", "sentence_bad")[c] if kind == "minimal_pairs" else f"choice {c}"
+                raise DataError(f"{file}: row {row_in_file}'s {what} is empty"
+                                f"{'' if not choice else ' once tokenized'}; expected text")
+            texts[-1].append((np.array(ids[-max_len:], dtype=np.int64), min(scored, max_len - 1)))
+            text_bytes[row, c] = len(continuation.encode("utf-8"))
+    groups = {column: [columns[column][i] for i in picked] for column in GROUP_COLUMNS if column in columns}
+    return Task(name, key, kind, picked, texts, np.array([labels[i] for i in picked]), text_bytes, groups)
+
+
+def python_syntax_pairs(seq_len: int, seed: int, per_corruption: int = 200) -> dict:
+    """The offline demo's minimal pairs: lines of Python from the embedded corpus's held-out rows
+    (data.prepare_local's val split, which the run does not train on), each against the same
+    line made ungrammatical, of the same length so that a model that knows nothing (step 0) is at
+    chance. Two corruptions, as the "corruption" group: "bracket", a closing bracket replaced by
+    another kind (`f(x)` -> `f(x]`); "swap", two adjacent words swapped (`return x` -> `x
+    return`). Only lines with no string or comment (where a word or a bracket could be text)
+    that Python parses alone or as a block's head, and only corruptions that it then refuses.
+    Seeded by data.seed, as the corpus is: the same pairs for every run of the same corpus."""
+    held_out = data.list_shards(data.prepare_local(seq_len, seed) / "val")
+    rows = [row for path in held_out for row in data.read_rows(path, seq_len + 1, data.BYTE_VOCAB_SIZE)[0]]
+    lines = []
+    for row in rows:
+        for document in np.split(row, np.flatnonzero(row == data.EOD_ID)):
+            # whole lines only: a document's ends are cut by the row's, or by its EOD
+            for line in bytes(document[document != data.EOD_ID].astype(np.uint8)).split(b"\n")[1:-1]:
+                line = line.strip()
+                if 12 <= len(line) <= min(80, seq_len - 1) and line.isascii() and not set(line) & set(b"'\"#\\"):
+                    lines.append(line.decode())
+    lines = list(dict.fromkeys(lines))  # each line once, in corpus order
+    rng = np.random.default_rng([seed, 1])
+    made = {"bracket": [], "swap": []}
+    for line in (line for line in lines if parses(line)):  # code, not the prose of a docstring
+        for corruption in made:
+            bad = corrupt(line, corruption, rng)
+            if bad is not None and not parses(bad):
+                made[corruption].append((line, bad))
+    good, bad, kinds = [], [], []
+    for corruption, pairs in made.items():
+        for i in data.probe_positions(min(per_corruption, len(pairs)), len(pairs)) if pairs else []:
+            good.append(pairs[i][0])
+            bad.append(pairs[i][1])
+            kinds.append(corruption)
+    return {"kind": "minimal_pairs", "sentence_good": good, "sentence_bad": bad, "corruption": kinds}
+
+
+def parses(line: str) -> bool:
+    """Whether a line is a Python statement alone, or the head of a block (`def f(x):`)."""
+    for source in (line, line + " pass"):
+        try:
+            compile(source, "<line>", "exec")
+            return True
+        except (SyntaxError, ValueError):
+            pass
+    return False
+
+
+def corrupt(line: str, corruption: str, rng: np.random.Generator) -> str | None:
+    """The line made ungrammatical by `corruption`, or None where it cannot be."""
+    if corruption == "bracket":  # only where the line's own brackets match, so that the change breaks them
+        stack, closing = [], []
+        for i, char in enumerate(line):
+            if char in "([{":
+                stack.append(char)
+            elif char in ")]}":
+                if not stack or "([{"[")]}".index(char)] != stack.pop():
+                    return None
+                closing.append(i)
+        if stack or not closing:
+            return None
+        i = closing[rng.integers(len(closing))]
+        other = [c for c in ")]}" if c != line[i]][rng.integers(2)]
+        return line[:i] + other + line[i + 1:]
+    words = [m for m in re.finditer(r"\w+", line)]
+    # two words with only spaces between: in Python a keyword and a name, never right the other way round
+    pairs = [(a, b) for a, b in zip(words, words[1:]) if line[a.end():b.start()].isspace() and a[0] != b[0]]
+    if not pairs:
+        return None
+    a, b = pairs[rng.integers(len(pairs))]
+    return line[:a.start()] + b[0] + line[a.end():b.start()] + a[0] + line[b.end():]
+
+
+@torch.no_grad()
+def tasks(model: PicoDecoder, rows: list[Task], at: At) -> Measured:
+    """Each task's accuracy, overall and per group, in step_N.json and metrics.jsonl; each item's
+    result in step_N_tasks.npz, one array per task (task_results)."""
+    results, record, per_row, line = {}, {}, {}, []
+    for task in rows:
+        logp = choice_logprobs(model, task, at.config.evaluation.tasks.batch_size, at.device, at.autocast)
+        summary, items = task_results(task, logp)
+        results[task.key] = summary
+        record.update({f"tasks/{task.key}/{name}": value for name, value in summary.items()
+                       if isinstance(value, float)})  # chance too, for a plot to draw
+        record.update({f"tasks/{task.key}/{column}/{value}": accuracy
+                       for column, by_value in summary["groups"].items() for value, accuracy in by_value.items()})
+        per_row[task.key] = items
+        line.append(f"{task.key} {summary['accuracy']:.3f} (chance {summary['chance']:.3f})")
+    return Measured(results={"tasks": results}, record=record, per_row={"tasks": per_row},
+                    line=f"tasks step {at.step} | " + " | ".join(line))
+
+
+def choice_logprobs(model: PicoDecoder, task: Task, batch_size: int, device: torch.device, autocast) -> np.ndarray:
+    """[items, most choices]: the summed log-probability of each choice's scored tokens, nan where
+    an item has fewer choices. Each rank scores its block of the items; every rank returns all."""
+    mine, counts = my_rows(task.texts)
+    texts = [text for item in mine for text in item]
+    scores = []
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        inputs, labels = data.collate([ids for ids, _ in chunk])
+        for i, (ids, scored) in enumerate(chunk):  # only the continuation's tokens count
+            labels[i, :len(ids) - 1 - scored] = -100
+        inputs, labels = inputs.to(device), labels.to(device)
+        with autocast:
+            logits, _ = model(inputs)
+        for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
+            scores.append(-F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100, reduction="sum"))
+    model.train()
+    logp = torch.full((len(mine), task.text_bytes.shape[1]), math.nan, dtype=torch.float64, device=device)
+    if scores:  # a rank may have no items, when there are fewer than ranks
+        item, choice = zip(*[(i, c) for i, texts_of_item in enumerate(mine) for c in range(len(texts_of_item))])
+        logp[list(item), list(choice)] = torch.stack(scores).double()
+    return gather_rows(logp, counts).cpu().numpy()
+
+
+def task_results(task: Task, logp: np.ndarray) -> tuple[dict, np.ndarray]:
+    """A task's summary (step_N.json's) and each item's result (a structured array) from each
+    choice's log-probability."""
+    label, n = task.label, len(task.items)
+    tokens = np.array([[scored for _, scored in item] + [np.nan] * (logp.shape[1] - len(item))
+                       for item in task.texts], dtype=np.float64)
+    right = logp[np.arange(n), label]
+    if task.kind == "minimal_pairs":
+        margin = logp[:, 0] - logp[:, 1]
+        fields = {"item": task.items, "correct": margin > 0, "margin": margin, "logp_good": logp[:, 0],
+                  "logp_bad": logp[:, 1]}
+        summary = {"kind": task.kind, "items": n, "chance": 0.5, "accuracy": float(fields["correct"].mean())}
+    else:
+        per_token, per_byte = logp / tokens, logp / task.text_bytes
+
+        def best(scores):  # nan (no such choice) never wins
+            return np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=1)
+        others = np.where(np.arange(logp.shape[1]) == label[:, None], np.nan, per_token)
+        others_best = np.max(np.where(np.isnan(others), -np.inf, others), axis=1)
+        bits = -right / (math.log(2) * task.text_bytes[np.arange(n), label])
+        fields = {"item": task.items, "label": label, "correct": best(per_token) == label,
+                  "correct_per_byte": best(per_byte) == label, "correct_raw": best(logp) == label,
+                  "margin": per_token[np.arange(n), label] - others_best, "bits_per_byte": bits,
+                  "logp": logp, "per_token": per_token, "per_byte": per_byte}
+        right_bytes = task.text_bytes[np.arange(n), label].sum()
+        summary = {"kind": task.kind, "items": n,
+                   "chance": float(np.mean(1 / np.sum(~np.isnan(task.text_bytes), axis=1))),
+                   "accuracy": float(fields["correct"].mean()),
+                   "accuracy_per_byte": float(fields["correct_per_byte"].mean()),
+                   "accuracy_raw": float(fields["correct_raw"].mean()),
+                   "bits_per_byte": float(-right.sum() / (math.log(2) * right_bytes))}
+    summary["groups"] = {column: {str(value): float(fields["correct"][np.array(values) == value].mean())
+                                  for value in sorted(set(values))} for column, values in task.groups.items()}
+    return summary, structured(fields)
+
+
+def structured(fields: dict) -> np.ndarray:
+    """A structured array of equally long columns, some of them 2-D (one value per choice)."""
+    columns = {name: np.asarray(values) for name, values in fields.items()}
+    out = np.empty(len(next(iter(columns.values()))),
+                   dtype=[(name, values.dtype, values.shape[1:]) for name, values in columns.items()])
+    for name, values in columns.items():
+        out[name] = values
+    return out
+
+
 # What every checkpoint measures, in this order: (its rows, read at start; the measurement). ------
 
 MEASUREMENTS = [
@@ -391,6 +784,7 @@ MEASUREMENTS = [
     (probe_rows, probe),
     (induction_rows, induction),
     (attention_rows, attention_entropy),
+    (task_rows, tasks),
 ]
 
 

@@ -7,7 +7,8 @@ the run recorded it: the training loss with the evaluation loss and loss spikes,
 perplexity (also per source), the learning rate, the gradient norm, the throughput, the training
 probe's loss and memorization (seen and unseen rows), per layer (monitoring.logging.layer_stats)
 the weight norm, the gradient norm and the update over the weights, and the behaviour measured at
-each checkpoint: the in-context learning score, induction heads, attention entropy. From
+each checkpoint: the in-context learning score, induction heads, attention entropy, each task's
+accuracy against its chance level. From
 RUN/eval_results, the loss at each position of every checkpoint. Needs matplotlib, an optional
 extra: pip install matplotlib.
 """
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 
@@ -60,6 +62,13 @@ def panels(series: dict) -> list[tuple[str, list[str], bool]]:
              ("weight norm per layer", per_layer("weight_norm"), False),
              ("gradient norm per layer", per_layer("grad_norm"), True),
              ("update / weight norm per layer", per_layer("update_ratio"), True)]
+    for task in [key.split("/")[1] for key in series if re.fullmatch(r"tasks/[^/]+/accuracy", key)]:
+        overall = [f"tasks/{task}/{name}" for name in ("accuracy", "accuracy_per_byte", "accuracy_raw")]
+        groups = [key for key in series if key.startswith(f"tasks/{task}/") and key.count("/") == 3]
+        found.append((f"task {task}: accuracy (dashed: chance)", overall + (groups if len(groups) <= 12 else []),
+                      False))
+    found.append(("tasks: bits per byte of the right choice",
+                  [key for key in series if re.fullmatch(r"tasks/[^/]+/bits_per_byte", key)], False))
     return [(title, [key for key in keys if key in series], log) for title, keys, log in found
             if any(key in series for key in keys)]
 
@@ -99,6 +108,9 @@ def plot(run_dir: Path, out: Path):
                     linewidth=0 if spikes else 1)
         if log and all(v > 0 for key in keys for _, v in series[key] if math.isfinite(v)):
             ax.set_yscale("log")
+        for chance in {f"tasks/{key.split('/')[1]}/chance" for key in keys if key.startswith("tasks/")}:
+            if chance in series:  # a task's chance level: what its accuracy rises from
+                ax.axhline(series[chance][-1][1], color="gray", linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:

@@ -1,7 +1,7 @@
 """Behaviour across training, measured at every checkpoint: the loss at each position and the
-in-context learning score, induction heads, attention entropy. Each score is computed again here,
-independently, from what the run saved: transformers on the exported checkpoint, the saved
-sequences, the evaluation rows."""
+in-context learning score, induction heads, attention entropy (tasks: tests/test_tasks.py). Each
+score is computed again here, independently, from what the run saved: transformers on the
+exported checkpoint, the saved sequences, the evaluation rows."""
 
 import json
 import math
@@ -104,11 +104,15 @@ def test_attention_entropy_is_that_of_transformers_attention_on_the_first_rows(m
 
 
 def test_losses_weights_and_captures_are_the_same_with_the_measurements_on_or_off(tiny, tmp_path):
+    from test_tasks import BYTES, CHOICE, PAIRS, task_args, write_task
     config, runs = tiny
     rows_dir = tmp_path / "paloma"
     write_eval_set(rows_dir / "val", LENGTHS)
-    run(config, "--training.max_steps=8", *eval_args(rows_dir), "--checkpointing.run_name=off")
-    run(config, "--training.max_steps=8", *eval_args(rows_dir), *BEHAVIOUR, "--checkpointing.run_name=on")
+    tasks = task_args(write_task(tmp_path / "blimp", PAIRS), write_task(tmp_path / "quiz", CHOICE))[1:]
+    run(config, "--training.max_steps=8", *BYTES, *eval_args(rows_dir), "--checkpointing.run_name=off")
+    run(config, "--training.max_steps=8", *BYTES, *eval_args(rows_dir), *BEHAVIOUR, *tasks,
+        "--evaluation.metrics=['paloma', 'induction', 'attention', 'tasks']", "--checkpointing.run_name=on")
+    assert (runs / "on" / "eval_results" / "step_8_tasks.npz").is_file()
     assert_same_run(runs / "off", runs / "on")
     for kind in ("activations", "gradients"):
         off, on = (torch.load(runs / name / "checkpoints" / "step_8" / "learning_dynamics" / f"train_{kind}.pt",

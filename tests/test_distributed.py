@@ -26,6 +26,7 @@ import launcher
 import train
 from test_evaluation import eval_args, write_eval_set
 from test_probe import PROBE
+from test_tasks import BYTES, CHOICE, PAIRS, task_args, write_task
 from test_train import ROOT, SEQ, TINY, VOCAB, final_weights, losses, optimizer_state, run, snapshot
 
 STEPS = 6
@@ -53,11 +54,14 @@ def runs(tmp_path_factory):
     data.write_shards(np.random.default_rng(0).integers(0, VOCAB, size=(1024, SEQ + 1)), tmp / "shards")
     # 7 evaluation rows of unequal lengths: the two ranks get 3 and 4 of them.
     write_eval_set(tmp / "val" / "val", [33, 20, 33, 2, 17, 33, 9])
+    # 5 minimal pairs and 4 questions: the ranks get 2 and 3, 2 and 2 of them
+    tasks = task_args(write_task(tmp / "blimp", PAIRS), write_task(tmp / "quiz", CHOICE))[1:]
     config = tmp / "tiny.py"
     config.write_text(TINY.format(data=str(tmp / "shards"), runs=str(tmp / "runs")))
     common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}",
               *PROBE, "--evaluation.probe.rows=11",  # split 5 and 6 over the ranks
-              "--evaluation.metrics=['paloma', 'induction', 'attention']", "--evaluation.induction.sequences=5",
+              *BYTES, *tasks,
+              "--evaluation.metrics=['paloma', 'induction', 'attention', 'tasks']", "--evaluation.induction.sequences=5",
               "--evaluation.induction.batch_size=2", "--evaluation.attention.rows=3",
               "--monitoring.loss_spikes.std_devs=0.01", "--monitoring.loss_spikes.window=2"]  # most rises
     run(config, *common, "--checkpointing.run_name=one")
@@ -111,6 +115,23 @@ def test_two_processes_record_the_behaviour_measurements_of_one(runs, strategy):
             np.testing.assert_allclose(b[a.dtype.names[-1]], a[a.dtype.names[-1]], rtol=1e-4)
         assert math.isclose(two["induction"]["loss_second_half"], one["induction"]["loss_second_half"],
                             rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_record_the_task_scores_of_one(runs, strategy):
+    dirs, _, _ = runs
+    for step in (0, 4, 6):
+        one, two = (json.loads((dirs[name] / "eval_results" / f"step_{step}.json").read_text())["tasks"]
+                    for name in ("one", strategy))
+        assert one.keys() == two.keys() == {"blimp", "quiz"}
+        for task in one:
+            assert one[task]["items"] == two[task]["items"] and one[task]["groups"] == two[task]["groups"]
+        with np.load(dirs["one"] / "eval_results" / f"step_{step}_tasks.npz") as a, \
+                np.load(dirs[strategy] / "eval_results" / f"step_{step}_tasks.npz") as b:
+            for task in ("blimp", "quiz"):
+                assert a[task].dtype == b[task].dtype and a[task]["item"].tolist() == b[task]["item"].tolist()
+                assert a[task]["correct"].tolist() == b[task]["correct"].tolist()
+                np.testing.assert_allclose(b[task]["margin"], a[task]["margin"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

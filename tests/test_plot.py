@@ -58,6 +58,23 @@ def test_plots_the_behaviour_measured_at_each_checkpoint(tmp_path):
     assert plot.read_loss_by_position(run) == {0: [3.0, 2.5, 2.0], 4: [3.0, 2.1, 1.2]}
 
 
+def test_plots_each_tasks_accuracy_with_its_chance_level(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    records = [{"step": s, "evaluation": True, "tasks/python-syntax/accuracy": 0.5 + 0.1 * s,
+                "tasks/python-syntax/chance": 0.5, "tasks/python-syntax/corruption/swap": 0.5 + 0.05 * s,
+                "tasks/quiz/accuracy": 0.3, "tasks/quiz/accuracy_per_byte": 0.4, "tasks/quiz/chance": 0.25,
+                "tasks/quiz/bits_per_byte": 2.0 - 0.1 * s} for s in (0, 1, 2, 4)]
+    write_run(run, records)
+    plot.main([str(run)])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.panels(plot.read_metrics(run)) == [
+        ("task python-syntax: accuracy (dashed: chance)",
+         ["tasks/python-syntax/accuracy", "tasks/python-syntax/corruption/swap"], False),
+        ("task quiz: accuracy (dashed: chance)", ["tasks/quiz/accuracy", "tasks/quiz/accuracy_per_byte"], False),
+        ("tasks: bits per byte of the right choice", ["tasks/quiz/bits_per_byte"], False)]
+
+
 def test_a_resumed_run_plots_each_step_once_with_its_last_record(tmp_path):
     run = tmp_path / "run"
     write_run(run, [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}, {"step": 2, "loss": 7.0}])
