@@ -218,6 +218,27 @@ def hub_repo(name: str) -> tuple[str, str] | None:
     return match["repo_id"], match["revision"] or "main"
 
 
+def hub_request(what: str, call, key: str, repo_id: str, revision: str, local: str):
+    """call(), a huggingface_hub request about dataset repo_id@revision, which config key `key`
+    named; its errors become one line naming the key, the repo and what failed, never the token,
+    and saying what a local copy would be: a directory of `local`."""
+    name = repo_id if revision == "main" else f"{repo_id}@{revision}"
+    try:
+        return call()
+    except DataError:
+        raise
+    except RepositoryNotFoundError:
+        message = (f"{key}={name!r}: no local directory of that name, and no dataset repo "
+                   f"{repo_id} on {constants.ENDPOINT} (a private or gated repo needs a token: "
+                   f"set HF_TOKEN or run `hf auth login`)")
+    except RevisionNotFoundError:
+        message = f"{key}={name!r}: dataset repo {repo_id} has no revision {revision!r}"
+    except Exception as e:
+        message = (f"could not {what} of {name} ({hub_failure(e)}); to use a local copy set {key} "
+                   f"to a directory of {local}")
+    raise DataError(without_token(message)) from None
+
+
 class HubShards:
     """The Parquet shards of a dataset repo on the Hugging Face Hub, read like ParquetShards.
 
@@ -266,23 +287,7 @@ class HubShards:
         return f"hf://datasets/{self.name}/{file}"
 
     def _hub(self, what: str, call):
-        """call(), a huggingface_hub request; its errors become one line naming the repo and the
-        file, never the token."""
-        try:
-            return call()
-        except DataError:
-            raise
-        except RepositoryNotFoundError:
-            message = (f"{self.key}={self.name!r}: no local directory of that name, and no "
-                       f"dataset repo {self.repo_id} on {constants.ENDPOINT} (a private or gated "
-                       f"repo needs a token: set HF_TOKEN or run `hf auth login`)")
-        except RevisionNotFoundError:
-            message = (f"{self.key}={self.name!r}: dataset repo {self.repo_id} has no "
-                       f"revision {self.revision!r}")
-        except Exception as e:
-            message = (f"could not {what} of {self.name} ({hub_failure(e)}); to use a local copy "
-                       f"set {self.key} to a directory of Parquet shards")
-        raise DataError(without_token(message))
+        return hub_request(what, call, self.key, self.repo_id, self.revision, "Parquet shards")
 
     def _index(self, path: Path) -> dict:
         """The commit's shards and R (the first shard's row count), cached at `path` for good (a commit
@@ -595,19 +600,9 @@ def hub_parquet_files(name: str, split: str | None, key: str) -> list[tuple[str,
     # snapshot_download's patterns are fnmatch's, where * also crosses "/": in_split picks exactly
     patterns = ["*.parquet"] if split is None else [f"*{split}/*.parquet", f"{split}[-_.]*.parquet",
                                                     f"*/{split}[-_.]*.parquet"]
-    try:
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                        allow_patterns=patterns, tqdm_class=QuietTqdm))
-    except RepositoryNotFoundError:
-        raise DataError(without_token(
-            f"{key}={name!r}: no local directory of that name, and no dataset repo {repo_id} on "
-            f"{constants.ENDPOINT} (a private or gated repo needs a token: set HF_TOKEN or run "
-            f"`hf auth login`)")) from None
-    except RevisionNotFoundError:
-        raise DataError(f"{key}={name!r}: dataset repo {repo_id} has no revision {revision!r}") from None
-    except Exception as e:
-        raise DataError(without_token(f"{key}={name!r}: could not download its Parquet files "
-                                      f"({hub_failure(e)})")) from None
+    folder = Path(hub_request("download the Parquet files", lambda: snapshot_download(
+        repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns, tqdm_class=QuietTqdm),
+        key, repo_id, revision, "Parquet files"))
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.parquet"))
     picked = [file for file in files if split is None or in_split(file, split)]
     if not picked:
