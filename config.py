@@ -187,9 +187,11 @@ class TasksEvaluationConfig:
 class EvaluationConfig:
     # What every checkpoint is evaluated on: "paloma" (perplexity, loss by position and the
     # in-context learning score), "induction" (induction heads), "attention" (attention entropy),
-    # "tasks" (evaluation.tasks: minimal pairs and multiple choice, each item's result kept)
+    # "tasks" (evaluation.tasks: minimal pairs and multiple choice, each item's result kept).
+    # Induction and attention are on by default: under 0.01% of the 1,000 suite steps between two
+    # checkpoints (README, "What they cost"); tasks need a dataset chosen, so they are not
     metrics: list[Literal["paloma", "induction", "attention", "tasks"]] | None = field(
-        default_factory=lambda: ["paloma"])
+        default_factory=lambda: ["paloma", "induction", "attention"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
     induction: InductionEvaluationConfig = field(default_factory=InductionEvaluationConfig)
@@ -438,6 +440,9 @@ def validate(config: Config, world_size: int):
          f"None or two positions, the early before the late, below model.max_seq_len={seq_len}"),
         ("evaluation.induction.length", induction, induction is None or 2 <= induction <= seq_len // 2,
          f"None or 2 to model.max_seq_len / 2 = {seq_len // 2} tokens: the sequence is two of them"),
+        ("evaluation.metrics", config.evaluation.metrics, "induction" not in (config.evaluation.metrics or [])
+         or induction is not None or seq_len >= 8, f"no 'induction' when model.max_seq_len={seq_len} < 8 "
+         f"(its halves are max_seq_len / 4 tokens, at least 2), or evaluation.induction.length set"),
         ("evaluation.tasks.names", tasks, tasks or not tasks_on,
          "at least one task (a Hub dataset repo, a directory of Parquet files or 'builtin:python-syntax') "
          "when evaluation.metrics holds 'tasks'"),

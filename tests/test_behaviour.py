@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+import config as pico_config
+
 from test_evaluation import eval_args, write_eval_set
 from test_train import assert_same_run, run
 
@@ -131,3 +133,13 @@ def test_bad_behaviour_settings_are_one_line_before_anything_is_written(tiny, ov
     result = run(config, *overrides, check=False)
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert culprit in result.stderr and not runs.exists()
+
+
+def test_induction_is_on_by_default_and_needs_rows_of_8_tokens():
+    config = pico_config.Config()
+    assert config.evaluation.metrics == ["paloma", "induction", "attention"]
+    config.model.max_seq_len = 4
+    with pytest.raises(pico_config.ConfigError, match="no 'induction' when model.max_seq_len=4 < 8"):
+        pico_config.validate(config, 1)
+    config.evaluation.induction.length = 2
+    pico_config.validate(config, 1)
