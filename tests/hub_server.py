@@ -66,6 +66,7 @@ class HubServer:
         self.history: dict[str, dict] = {}  # sha of a written commit -> title, message, date, parent
         self.fail_commits: int | None = None  # a status every commit is answered with (500, say)
         self.stalled = threading.Event()  # set: every request is taken and never answered
+        self.stalled_downloads = threading.Event()  # set: so is every whole .parquet file's GET
         self.released = threading.Event()  # set by stop(): the stalled requests end
         self.storage = Path(tempfile.mkdtemp(prefix="hub-server-"))  # written commits' files
         self.log: list[dict] = []  # method, host, path, query, range, authorization
@@ -160,10 +161,11 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.hub
 
     def route(self, method: str):
-        if self.hub.stalled.is_set():  # a Hub that stopped answering: the connection stays open
-            self.hub.released.wait(600)
-            return
         url = urlsplit(self.path)
+        download = method == "GET" and url.path.endswith(".parquet") and not self.headers.get("Range")
+        if self.hub.stalled.is_set() or download and self.hub.stalled_downloads.is_set():
+            self.hub.released.wait(600)  # a Hub that stopped answering: the connection stays open
+            return
         with self.hub.lock:
             self.hub.log.append({"method": method, "host": self.headers.get("Host"),
                                  "path": unquote(url.path), "query": url.query,

@@ -24,6 +24,7 @@ import launcher
 import records
 from config import Config
 from model import ModelConfig, PicoDecoder
+from test_hub import wait_for
 from test_train import ROOT, SHARD, assert_same_run, losses, run, snapshot, start
 
 
@@ -312,6 +313,25 @@ def test_sigterm_while_waiting_on_a_stalled_hub_saves_and_stops_within_seconds(h
     assert proc.returncode == 0 and time.monotonic() - signalled < 15, output
     assert "SIGTERM: stopped at step" in output
     assert checkpoint.verify(tmp_path / "runs" / "run") == 0
+
+
+def test_ctrl_c_while_the_first_shard_downloads_is_one_line_and_writes_nothing(hub, tmp_path):
+    """The first batch is read before the run directory is written (and before a stop signal
+    saves a checkpoint): Ctrl-C there, during a Hub download that may take minutes, ends the run
+    with a line, not a traceback."""
+    from test_hub import REPO, TINY, write_repo
+
+    hub.add_repo(REPO, write_repo(tmp_path / "repo"))
+    hub.stalled_downloads.set()
+    config = tmp_path / "hub.py"
+    config.write_text(TINY.format(data=REPO, runs=str(tmp_path / "runs")))
+    proc = start(config)
+    wait_for(lambda: any(r["path"].endswith(".parquet") and not r["range"] for r in hub.log), timeout=60)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("interrupted before training began")
+    assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
 
 
 def test_a_damaged_training_config_yaml_refuses_the_resume_in_one_line(tiny):
