@@ -39,12 +39,15 @@ share of the 1,000 steps between two checkpoints: of --batch-size rows, and of t
 copied to the host and read during the next step), with and without it in interleaved blocks of
 steps.
 
-    python bench.py --measure paloma probe induction attention tasks [--model small] [--val-rows 64]
+    python bench.py --measure paloma probe induction attention tasks [--model small] [--seq-len 2048]
+                    [--val-rows 64]
 
 What each measurement of a checkpoint (evaluation.py) costs, at its config's defaults, as a share
 of the 1,000 training steps between two checkpoints: of --batch-size rows, and of the suite's
 1,024 (the step's time scaled by rows). Random tokens; --val-rows rows in the evaluation set;
-tasks: the demo's builtin:python-syntax, byte by byte.
+tasks: the demo's builtin:python-syntax, byte by byte. --seq-len 2048, the suite's, sizes induction's
+halves (256 tokens) and attention entropy's rows as the suite has them. The README's table
+("What the measurements cost") comes from it.
 
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
