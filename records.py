@@ -211,7 +211,7 @@ def log_plan(log, config, run_dir: Path, model, steps: list[int], ld_rows, token
     total = len(steps) * sum(sizes.values()) - (len(steps) - with_optimizer) * sizes["optimizer"]
     free = shutil.disk_usage(run_dir).free
     shown = ", ".join(map(str, steps if len(steps) <= 16 else steps[:12] + ["..."] + steps[-2:]))
-    log.info(f"plan: {len(steps)} checkpoints, at steps {shown}")
+    log.info(f"plan: {counted(len(steps), 'checkpoint')}, at step{'s' * (len(steps) != 1)} {shown}")
     log.info(f"plan: {in_bytes(sum(sizes.values()))} per checkpoint (" + ", ".join(
         f"{part} {in_bytes(n)}" for part, n in sizes.items() if n) + f"), {in_bytes(total)} in all; "
              f"{in_bytes(free)} free on the file system of {run_dir}")
@@ -219,6 +219,10 @@ def log_plan(log, config, run_dir: Path, model, steps: list[int], ld_rows, token
         log.warning(f"plan: the checkpoints need {in_bytes(total)} and only {in_bytes(free)} is free: "
                     f"the run will stop when the disk is full (checkpointing.keep_last_n_optimizer_states "
                     f"keeps the optimizer state, 2/3 of a checkpoint, in the newest N only)")
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("s" if n != 1 else "")
 
 
 def in_bytes(n: float) -> str:

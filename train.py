@@ -35,7 +35,7 @@ import distributed
 import evaluation
 from config import Config, ConfigError, check_resume_compatible, load_config, validate
 from model import PicoDecoder
-from records import Records, hub_uploader, lock_run_directory, log_plan, read_uploads, run_log, save_spike
+from records import Records, counted, hub_uploader, lock_run_directory, log_plan, read_uploads, run_log, save_spike
 
 try:  # FSDP2: public from torch 2.6, under torch.distributed._composable in 2.5
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
             # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
             # (In one process a stop signal ends the wait; several keep in step through any_rank.)
             rows = batches.get(until=lambda: env.world_size == 1 and stop.received is not None)
+            # Never None at the run's first step (BatchStream read that batch before the run began),
+            # so `batch` here is the step before's
             if rows is None:  # stopped while waiting for data: the steps done are saved
                 saver.save(step, batch, evaluate=False)
                 return stop.stopped(step, records.log)
@@ -434,8 +436,9 @@ class Progress:
         eta = per_step * (self.max_steps - done) + per_checkpoint * checkpoints_left
         if self.steps_at_log == self.start_step:  # the first logged step: the plan's time
             self.records.log.info(f"plan: {datetime.timedelta(seconds=int(eta))} to step {self.max_steps}: "
-                                  f"{per_step:.3g} s per step, {checkpoints_left} checkpoints of "
-                                  f"{per_checkpoint:.3g} s each (as far as measured)")
+                                  f"{per_step:.3g} s per step, {counted(checkpoints_left, 'checkpoint')} " + (
+                                      f"of {per_checkpoint:.3g} s each (as far as measured)"
+                                      if self.saving[1] else "(none timed yet)"))
         record = {"step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_seen": done * self.tokens_per_step, "tokens_per_s": tokens_per_s, **layers}
         if self.mfu_per_token:
