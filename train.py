@@ -755,9 +755,10 @@ if __name__ == "__main__":
         code = main(sys.argv[1:])
     except (ConfigError, data.DataError, checkpoint.CheckpointError, Diverged, distributed.LostRank) as e:
         sys.exit(report(e))
-    except KeyboardInterrupt:  # Ctrl-C before StopSignals (reading the first shard, compiling)
-        print("interrupted before training began: this start trained and saved nothing; re-run the "
-              "same command to start (or resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C where StopSignals is not listening: before the loop (reading
+        # the first shard, compiling), with nothing trained, or after it (the last uploads' wait)
+        print("interrupted (Ctrl-C) outside the training steps: every checkpoint on disk is complete; "
+              "re-run the same command to start or resume", file=sys.stderr)
         sys.exit(130)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -330,7 +330,7 @@ def test_ctrl_c_while_the_first_shard_downloads_is_one_line_and_writes_nothing(h
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "Traceback" not in output, output
-    assert output.strip().splitlines()[-1].startswith("interrupted before training began")
+    assert output.strip().splitlines()[-1].startswith("interrupted (Ctrl-C) outside the training steps")
     assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
 
 
