@@ -189,7 +189,7 @@ class EvaluationConfig:
     # in-context learning score), "induction" (induction heads), "attention" (attention entropy),
     # "tasks" (evaluation.tasks: minimal pairs and multiple choice, each item's result kept).
     # Induction and attention are on by default: under 0.01% of the 1,000 suite steps between two
-    # checkpoints (README, "What they cost"); tasks need a dataset chosen, so they are not
+    # checkpoints (README, "What the measurements cost"); tasks need a dataset chosen, so they are not
     metrics: list[Literal["paloma", "induction", "attention", "tasks"]] | None = field(
         default_factory=lambda: ["paloma", "induction", "attention"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)

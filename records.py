@@ -211,7 +211,7 @@ def log_plan(log, config, run_dir: Path, model, steps: list[int], ld_rows, token
     total = len(steps) * sum(sizes.values()) - (len(steps) - with_optimizer) * sizes["optimizer"]
     free = shutil.disk_usage(run_dir).free
     shown = ", ".join(map(str, steps if len(steps) <= 16 else steps[:12] + ["..."] + steps[-2:]))
-    log.info(f"plan: {counted(len(steps), 'checkpoint')}, at step{'s' * (len(steps) != 1)} {shown}")
+    log.info(f"plan: {counted(len(steps), 'checkpoint')}, at {'steps' if len(steps) != 1 else 'step'} {shown}")
     log.info(f"plan: {in_bytes(sum(sizes.values()))} per checkpoint (" + ", ".join(
         f"{part} {in_bytes(n)}" for part, n in sizes.items() if n) + f"), {in_bytes(total)} in all; "
              f"{in_bytes(free)} free on the file system of {run_dir}")
