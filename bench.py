@@ -39,15 +39,24 @@ share of the 1,000 steps between two checkpoints: of --batch-size rows, and of t
 copied to the host and read during the next step), with and without it in interleaved blocks of
 steps.
 
-    python bench.py --measure paloma probe induction attention tasks [--model small] [--seq-len 2048]
-                    [--val-rows 64]
+    python bench.py --measure [paloma probe induction attention tasks] [--model tiny small ...]
+                    [--seq-len 2048] [--val-rows 64]
 
-What each measurement of a checkpoint (evaluation.py) costs, at its config's defaults, as a share
-of the 1,000 training steps between two checkpoints: of --batch-size rows, and of the suite's
-1,024 (the step's time scaled by rows). Random tokens; --val-rows rows in the evaluation set;
-tasks: the demo's builtin:python-syntax, byte by byte. --seq-len 2048, the suite's, sizes induction's
-halves (256 tokens) and attention entropy's rows as the suite has them. The README's table
-("What the measurements cost") comes from it.
+What one checkpoint costs, for each size: its save, its learning-dynamics captures (on the step's
+batch and on the evaluation rows) and each measurement of evaluation.py (all unless some are named),
+at the config's defaults, each as a share of the 1,000 training steps between two checkpoints: of
+--batch-size rows, and of the suite's 1,024 (the step and its batch's captures scaled by rows).
+Random tokens; --val-rows rows in the evaluation set; tasks: the demo's builtin:python-syntax, byte
+by byte. --seq-len 2048, the suite's, sizes induction's halves (256 tokens) and attention
+entropy's rows as the suite has them. The README's table ("What the measurements cost") comes
+from it.
+
+    python bench.py --peak-memory [--model small] [--seq-len 2048] [--batch-size 16]
+
+The peak resident memory of one evaluation batch (Paloma's 16 rows) and of one training
+micro-batch (--batch-size rows, forward and backward) of each size, float32 on the CPU, each in a
+process of its own, beside that of the process before it (the model, its gradients and AdamW's
+state): what the chunked loss (model.OutputHead) bounds.
 
     python bench.py --memory --model xl --seq-len 2048 [--gpus 16] [--micro-batch 8]
 
@@ -86,6 +95,7 @@ the backward) can make the shares add up to more than 100%.
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -94,6 +104,7 @@ import platform
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -263,33 +274,6 @@ def bench_data(steps: int, rows_per_shard: int = 4096, global_batch: int = 1024,
         print(f"| {source} | {tokens_per_s:,.0f} |")
 
 
-def bench_captures(name: str, batch_size: int, seq_len: int, val_rows: int, device: torch.device):
-    """The learning-dynamics captures of one checkpoint (train batch and val set, at default
-    settings) against the training they ride on: save_every_n_steps = 1,000 steps of the same
-    global batch, timed here as one step x 1,000."""
-    config = Config()
-    config.model = ModelConfig(**SUITE[name], max_seq_len=seq_len)
-    torch.manual_seed(0)
-    model = PicoDecoder(config.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens = torch.randint(0, config.model.vocab_size, (batch_size, seq_len + 1), device=device)
-    val = list(torch.randint(0, config.model.vocab_size, (val_rows, seq_len + 1)))
-    step_times, capture_times = [], []
-    for round_ in range(4):  # the first of each is a warm-up, not counted
-        step_times.append(step(model, optimizer, pico_loss, tokens, device))
-        start = time.perf_counter()
-        checkpoint.learning_dynamics(model, tokens, val, config.checkpointing.learning_dynamics, device,
-                                     autocast)
-        capture_times.append(time.perf_counter() - start)
-    step_s, capture_s = statistics.median(step_times[1:]), statistics.median(capture_times[1:])
-    print(f"\nMachine: {machine(device)}. pico-decoder-{name}, global batch {batch_size} x {seq_len} "
-          f"tokens, {val_rows} val rows, default captures (3 suffixes x 12 layers, sub-batch 8).\n")
-    print("| one training step | captures of one checkpoint | captures / 1,000 steps |")
-    print("|---:|---:|---:|")
-    print(f"| {step_s * 1e3:,.0f} ms | {capture_s * 1e3:,.0f} ms | {capture_s / (1000 * step_s):.2%} |")
-
-
 def bench_layer_stats(args, device: torch.device):
     (model, optimizer), _ = build(args.model, args.seq_len, device)
     stats = train.LayerStats(model)
@@ -381,33 +365,19 @@ def bench_probe(args, device: torch.device):
           f"{probed * 1e3:,.0f} ms | {probed / (1000 * plain):.2%} | {probed / (1000 * plain * suite):.3%} |")
 
 
-def bench_measurements(args, device: torch.device):
-    """Each measurement of evaluation.MEASUREMENTS that --measure turns on, at its config's
-    defaults, on one checkpoint: its seconds against the 1,000 training steps between two
-    checkpoints. Rows are random tokens (a local evaluation set of --val-rows rows and local shards
-    for the probe), read by each measurement's own rows function, as train.py reads them; the step
-    is timed on --batch-size rows and scaled to the suite's global batch. Under torchrun the suite
-    splits both the measurements' rows and the batch over its GPUs, so the share is the same."""
-    (model, optimizer), _ = build(args.model, args.seq_len, device)
-    config, vocab = Config(), model.config.vocab_size
-    config.model = model.config
-    config.evaluation.metrics = [m for m in args.measure if m != "probe"]
-    config.evaluation.probe.rows = config.evaluation.probe.rows if "probe" in args.measure else 0
-    config.training.max_steps, config.data.dataloader.batch_size = 1, 1024  # the probe's rows: 1,024
-    # The demo's task, which needs no network: 400 pairs of lines of Python, one token per byte (a
-    # suite's BPE tokenizer makes its texts about 4 times shorter, BLiMP's 2,000 pairs about as long)
-    config.data.tokenizer.name, config.evaluation.tasks.names = "bytes", ["builtin:python-syntax"]
+def bench_checkpoint(args, device: torch.device):
+    """What one checkpoint costs, for each --model size: saving it (checkpoint.save_checkpoint), its
+    learning-dynamics captures on the step's batch and on the evaluation rows, and each measurement
+    of evaluation.MEASUREMENTS that --measure names (all by default), at the config's defaults; each
+    against the 1,000 training steps between two checkpoints of --batch-size rows, and of the
+    suite's 1,024 (the step and the captures of its batch scaled by rows). Under torchrun the suite
+    splits the batch and every measurement's rows over its GPUs alike, so the shares hold there too.
+    Random tokens: local shards (the probe's rows), --val-rows rows as the evaluation set (Paloma's
+    and the captures'); tasks: the demo's builtin:python-syntax, byte by byte (a suite's BPE
+    tokenizer makes its texts about 4 times shorter, BLiMP's 2,000 pairs about as long)."""
+    suite_rows, val_rows = Config().data.dataloader.batch_size, args.val_rows or 64
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_token_shards(Path(tmp) / "train", 1024, 1024, args.seq_len + 1, vocab)
-        write_token_shards(Path(tmp) / "eval", args.val_rows or 64, 1024, args.seq_len + 1, vocab)
-        config.evaluation.paloma.dataset_name = str(Path(tmp) / "eval" / "data")
-        shards = data.open_dataset(str(Path(tmp) / "train" / "data"), args.seq_len + 1, vocab)
-        start = evaluation.Start(config, shards, data.EvalSets(args.seq_len + 1, vocab), {})
-        measures = evaluation.Evaluation(start, Path(tmp)).measures
-    at = evaluation.At(1000, config, device, autocast)
 
     def seconds(work) -> float:
         sync()
@@ -415,30 +385,95 @@ def bench_measurements(args, device: torch.device):
         work()
         sync()
         return time.perf_counter() - started
+    print(f"\nMachine: {machine(device)}. {args.seq_len} tokens a row, a step of {args.batch_size} rows "
+          f"(median of {args.rounds}), {val_rows} evaluation rows.\n")
+    print(f"| size | part | seconds | / 1,000 steps of {args.batch_size} rows | / 1,000 steps of {suite_rows} rows |")
+    print("|---|---|---:|---:|---:|")
+    for name in args.model:
+        (model, optimizer), _ = build(name, args.seq_len, device)
+        config, vocab = Config(), model.config.vocab_size
+        config.model = model.config
+        config.evaluation.metrics = args.measure or list(evaluation.MEASUREMENTS)
+        config.training.max_steps, config.data.dataloader.batch_size = 1, suite_rows  # the probe's rows
+        config.data.tokenizer.name, config.evaluation.tasks.names = "bytes", ["builtin:python-syntax"]
+        ld = config.checkpointing.learning_dynamics
+        tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_token_shards(Path(tmp) / "train", suite_rows, suite_rows, args.seq_len + 1, vocab)
+            write_token_shards(Path(tmp) / "eval", val_rows, suite_rows, args.seq_len + 1, vocab)
+            config.evaluation.paloma.dataset_name = str(Path(tmp) / "eval" / "data")
+            shards = data.open_dataset(str(Path(tmp) / "train" / "data"), args.seq_len + 1, vocab)
+            eval_sets = data.EvalSets(args.seq_len + 1, vocab)
+            measures = evaluation.Evaluation(evaluation.Start(config, shards, eval_sets, {}), Path(tmp)).measures
+            val = evaluation.evaluation_set(evaluation.Start(config, shards, eval_sets, {}))
+            at = evaluation.At(1000, config, device, autocast)
 
-    def train_step():
-        with autocast:
-            loss = pico_loss(model, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    for _ in range(args.warmup):
-        train_step()
-    for measure, rows in measures if device.type == "cuda" else []:  # the kernels' first launches: once a run
-        measure(model, rows, at)
-    step = statistics.median(seconds(train_step) for _ in range(args.rounds))
-    suite_rows = Config().data.dataloader.batch_size
-    print(f"\nMachine: {machine(device)}. pico-decoder-{args.model}, {args.seq_len} tokens a row; "
-          f"a step of {args.batch_size} rows takes {step * 1e3:,.1f} ms (median of {args.rounds}), "
-          f"one of the suite's {suite_rows} rows {suite_rows / args.batch_size:g} times that. Evaluation "
-          f"set: {args.val_rows or 64} rows.\n")
-    print(f"| measurement | seconds per checkpoint | / 1,000 steps of {args.batch_size} rows | "
-          f"/ 1,000 steps of {suite_rows} rows |")
-    print("|---|---:|---:|---:|")
-    for measure, rows in measures:
-        cost = seconds(lambda: measure(model, rows, at))
-        print(f"| {measure.__name__} | {cost:,.2f} | {cost / (1000 * step):.2%} | "
-              f"{cost / (1000 * step * suite_rows / args.batch_size):.4%} |")
+            def train_step():
+                with autocast:
+                    loss = pico_loss(model, tokens)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for _ in range(args.warmup):
+                train_step()
+            for measure, rows in measures if device.type == "cuda" else []:  # kernels' first launches: once a run
+                measure(model, rows, at)
+            step_s = statistics.median(seconds(train_step) for _ in range(args.rounds))
+            captures = {}
+            costs = {  # part: (seconds, whether it grows with the step's rows)
+                "captures, the step's batch": (seconds(lambda: captures.update(checkpoint.learning_dynamics(
+                    model, tokens[None], None, ld, device, autocast))), True),
+                "captures, the evaluation rows": (seconds(lambda: captures.update(checkpoint.learning_dynamics(
+                    model, tokens[None], val, dataclasses.replace(ld, capture_train=False), device, autocast))), False)}
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1.0)
+            costs["save"] = (seconds(lambda: checkpoint.save_checkpoint(
+                Path(tmp) / "checkpoints", 1000, model, optimizer, scheduler, 0, learning_dynamics=captures)), False)
+            costs.update({measure.__name__: (seconds(lambda: measure(model, rows, at)), False)
+                          for measure, rows in measures})
+        scale = suite_rows / args.batch_size
+        costs["all"] = (sum(s for s, _ in costs.values()), False)
+        suite_all = sum(s * (scale if grows else 1) for part, (s, grows) in costs.items() if part != "all")
+        print(f"| {name} | one training step | {step_s:,.3f} | | |")
+        for part, (cost, grows) in costs.items():
+            suite = suite_all if part == "all" else cost * (scale if grows else 1)
+            print(f"| {name} | {part} | {cost:,.2f} | {cost / (1000 * step_s):.3%} | "
+                  f"{suite / (1000 * step_s * scale):.4%} |", flush=True)
+
+
+def bench_peak_memory(args):
+    """The peak resident memory of one evaluation batch (evaluation.evaluate, Paloma's batch of 16
+    rows) and of one training micro-batch (forward and backward of --batch-size rows) of each
+    --model size at --seq-len, float32 on the CPU: each in a process of its own, whose peak
+    (ru_maxrss) is its alone, less that of the same process before the batch (the model, its
+    gradients and AdamW's state, and PyTorch itself)."""
+    print(f"\nMachine: {machine(torch.device('cpu'))}. {args.seq_len} tokens a row, float32.\n")
+    print("| size | work | rows | process before | peak | the batch's own |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.model:
+        for work, rows in (("evaluation", 16), ("training micro-batch", args.batch_size)):
+            result = subprocess.run([sys.executable, __file__, "--peak-memory-of", work, "--model", name,
+                                     "--seq-len", str(args.seq_len), "--batch-size", str(rows)],
+                                    capture_output=True, text=True, check=True)
+            before, peak = map(int, result.stdout.split())
+            print(f"| {name} | {work} | {rows} | {before / 1e9:.2f} GB | {peak / 1e9:.2f} GB | "
+                  f"{(peak - before) / 1e9:.2f} GB |", flush=True)
+
+
+def peak_memory_of(work: str, args):
+    """bench_peak_memory's measurement, in this process: prints the peak before and after (bytes)."""
+    torch.manual_seed(0)
+    model = PicoDecoder(ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len))
+    optimizer = torch.optim.AdamW(model.parameters())
+    rows = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1))
+    pico_loss(model, rows).backward()  # gradients and AdamW's state exist, as in a run
+    optimizer.step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if work == "evaluation":
+        evaluation.evaluate(model, list(rows), args.batch_size, torch.device("cpu"), contextlib.nullcontext(),
+                            byte_level=False)
+    else:
+        pico_loss(model, rows).backward()
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def saved_bytes(config: ModelConfig, tokens: int, checkpoint_blocks: bool) -> int:
@@ -852,10 +887,8 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
     parser.add_argument("--data", action="store_true", help="the data path's tokens/s instead")
     parser.add_argument("--data-steps", type=int, default=32, help="global batches read by --data")
-    parser.add_argument("--captures", action="store_true",
-                        help="the cost of a checkpoint's learning-dynamics captures instead")
     parser.add_argument("--val-rows", type=int,
-                        help="evaluation rows: --captures 64; --train the suite's evaluation set, of which "
+                        help="evaluation rows: --measure 64; --train the suite's evaluation set, of which "
                              f"one GPU takes 1/{SUITE_GPUS} ({SUITE_EVAL_ROWS:,} rows unless given)")
     parser.add_argument("--scaling", action="store_true",
                         help="under torchrun: tokens/s of N processes against one (see above)")
@@ -864,8 +897,12 @@ def main() -> None:
     parser.add_argument("--layer-stats", action="store_true", help="the cost of per-layer statistics instead")
     parser.add_argument("--probe", action="store_true",
                         help="the cost of the training probe, memorization and spike detection instead")
-    parser.add_argument("--measure", nargs="+", choices=["paloma", "probe", "induction", "attention", "tasks"],
-                        help="the cost of these measurements of a checkpoint instead (see above)")
+    parser.add_argument("--measure", nargs="*", choices=list(evaluation.MEASUREMENTS),
+                        help="the cost of a checkpoint instead: its save, captures and these measurements "
+                             "(all if none named), for each --model (see above)")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="peak memory of an evaluation batch and a training micro-batch, each --model")
+    parser.add_argument("--peak-memory-of", choices=["evaluation", "training micro-batch"], help=argparse.SUPPRESS)
     parser.add_argument("--gpus", type=int, default=16, help="for --memory: FSDP's number of GPUs")
     parser.add_argument("--micro-batch", type=int, nargs="+",
                         help="rows per GPU and micro-step: --memory 8; --train the suite's on CUDA, 2 on "
@@ -879,26 +916,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.train:
         return bench_train(args)
+    args.seq_len = 256 if args.seq_len is None else args.seq_len
+    if args.measure is not None:
+        return bench_checkpoint(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.peak_memory:
+        return bench_peak_memory(args)
+    if args.peak_memory_of:
+        args.model = args.model[0]
+        return peak_memory_of(args.peak_memory_of, args)
     for name, values in (("--model", args.model), ("--micro-batch", args.micro_batch or [8])):
         if len(values) > 1:
-            parser.error(f"{name} {' '.join(map(str, values))}: expected one (several only with --train)")
+            parser.error(f"{name} {' '.join(map(str, values))}: expected one (several only with --train, "
+                         f"--measure and --peak-memory)")
     args.model, args.micro_batch = args.model[0], (args.micro_batch or [8])[0]
-    args.seq_len = 256 if args.seq_len is None else args.seq_len
     if args.memory:
         return bench_memory(args)
     if args.layer_stats:
         return bench_layer_stats(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.probe:
         return bench_probe(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.measure:
-        return bench_measurements(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.scaling:
         return bench_scaling(args)
     if args.data:
         return bench_data(args.data_steps)
-    if args.captures:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return bench_captures(args.model, args.batch_size, args.seq_len, args.val_rows or 64, device)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -113,6 +113,9 @@ class LearningDynamicsCheckpointingConfig:
     capture_train: bool = True  # train_*.pt: on the batch the checkpoint's last step trained on
     # val_*.pt on this fixed set (a Hub repo's val split, a directory...); None: none, as pico-train
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
+    # Its first N rows; None: all of them, as pico-train captures. A bound makes each checkpoint's
+    # captures cheaper where they would cost much of the training (the demo's: README, "Two commands")
+    eval_rows: Positive | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +138,7 @@ class PalomaEvaluationConfig:
     dataset_split: str = "val"
     max_length: int = 2048  # pico-train's; unread: an evaluation row has at most max_seq_len + 1
     batch_size: Positive = 16
+    rows: Positive | None = None  # its first N rows, for every measurement of it; None: all
     # Olsson et al.'s in-context learning score, from the same pass: the mean loss at the second
     # position minus that at the first. None: their 50 and 500, scaled to model.max_seq_len / 2048
     icl_positions: list[NonNegative] | None = None
@@ -142,8 +146,9 @@ class PalomaEvaluationConfig:
 
 @dataclass(slots=True)
 class ProbeEvaluationConfig:
-    # Training rows spread evenly over the run (data.probe_positions), each one's loss recorded at
-    # every checkpoint: before, at and after the step that trains on it. At most all the run's; 0: none.
+    # With "probe" in evaluation.metrics: training rows spread evenly over the run (data.probe_positions),
+    # each one's loss recorded at every checkpoint: before, at and after the step that trains on it.
+    # At most all the run's; 0: none.
     # A run resumed with another training.max_steps but as many rows keeps the rows it had
     rows: NonNegative = 256
     # Pythia's memorization test on them: greedy decoding of memorization_tokens tokens from each
@@ -185,13 +190,13 @@ class TasksEvaluationConfig:
 
 @dataclass(slots=True)
 class EvaluationConfig:
-    # What every checkpoint is evaluated on: "paloma" (perplexity, loss by position and the
-    # in-context learning score), "induction" (induction heads), "attention" (attention entropy),
-    # "tasks" (evaluation.tasks: minimal pairs and multiple choice, each item's result kept).
-    # Induction and attention are on by default: under 0.01% of the 1,000 suite steps between two
-    # checkpoints (README, "What the measurements cost"); tasks need a dataset chosen, so they are not
-    metrics: list[Literal["paloma", "induction", "attention", "tasks"]] | None = field(
-        default_factory=lambda: ["paloma", "induction", "attention"])
+    # What every checkpoint measures: names of evaluation.py's MEASUREMENTS (checked there), "paloma"
+    # (perplexity, loss by position and the in-context learning score), "probe" (the training probe
+    # and memorization), "induction" (induction heads), "attention" (attention entropy), "tasks"
+    # (evaluation.tasks: minimal pairs and multiple choice, each item's result kept). All but tasks
+    # are on by default: each under 0.02% of the 1,000 suite steps between two checkpoints (README,
+    # "What the measurements cost"); tasks need a dataset chosen
+    metrics: list[str] | None = field(default_factory=lambda: ["paloma", "probe", "induction", "attention"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
     induction: InductionEvaluationConfig = field(default_factory=InductionEvaluationConfig)
@@ -462,11 +467,13 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def check_resume_compatible(config: Config, saved_path: Path):
+def check_resume_compatible(config: Config, saved_path: Path) -> list[str]:
     """A run resumes only under the model's tensor shapes, global batch and data order of its
-    training_config.yaml; other model fields (norm_eps, ...) may change, as the lr may. Read as
-    plain YAML, so a run saved by a pico with other config keys still resumes: a model field it
-    lacks had its default, and one saved before data.order_seed existed had order 0."""
+    training_config.yaml; other model fields (norm_eps, ...) may change, as the schedule may (a lower
+    lr after a divergence, more steps). Returns the schedule and optimizer keys that changed, as
+    "key (run: old, now: new)", for the log to say. Read as plain YAML, so a run saved by a pico
+    with other config keys still resumes: a model field it lacks had its default, and one saved
+    before data.order_seed existed had order 0."""
     try:
         saved = yaml.safe_load(saved_path.read_text())
         saved_model = {f.name: saved["model"][f.name] for f in dataclasses.fields(ModelConfig)
@@ -490,3 +497,10 @@ def check_resume_compatible(config: Config, saved_path: Path):
     if differ:
         raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
                           f"{'; '.join(differ)}; use another checkpointing.run_name")
+    # The schedule's keys (gradient_accumulation_steps only splits the same gradient differently)
+    saved_optimization = (saved.get("training") or {}).get("optimization") or {}
+    changed = [("training.max_steps", (saved.get("training") or {}).get("max_steps"), config.training.max_steps)]
+    changed += [(f"training.optimization.{f.name}", saved_optimization.get(f.name),
+                 getattr(config.training.optimization, f.name))
+                for f in dataclasses.fields(OptimizationConfig) if f.name != "gradient_accumulation_steps"]
+    return [f"{key} (run: {old!r}, now: {new!r})" for key, old, new in changed if old != new]

@@ -564,6 +564,12 @@ class EvalRows(list):
         known = parts and all(sources is not None for _, sources in parts)
         self.sources = [s for _, sources in parts for s in sources] if known else None
 
+    def first(self, n: int | None) -> "EvalRows":
+        """The first n rows, with their sources; all of them for None."""
+        if n is None or n >= len(self):
+            return self
+        return EvalRows([(self[:n], None if self.sources is None else self.sources[:n])])
+
 
 def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and labels of rows that may differ in length: row[:-1] and row[1:], padded at the

@@ -7,9 +7,10 @@ eval_results/step_N_{name}.npy, or several as one .npz) and a line for the log. 
 takes its block of the rows (distributed.my_rows) and the results are gathered or summed over the
 ranks, so every rank returns the same and rank 0 writes them.
 
-Its rows are read once, before the first step, by a function of the run's start that returns
-None when the measurement is off, so that a bad input stops the run before anything is trained or
-written. MEASUREMENTS pairs the two: adding a measurement is a function and a line there.
+Its rows are read once, before the first step, by a function of the run's start (None: nothing to
+measure), so that a bad input stops the run before anything is trained or written. MEASUREMENTS
+pairs the two under the measurement's name, which evaluation.metrics lists to turn it on (and
+bench.py --measure to time it): adding a measurement is a function and a line there.
 
     paloma       the evaluation set (Paloma): perplexity overall and per source, each row's loss,
                  the loss at every position and the in-context learning score
@@ -33,7 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from checkpoint import save_array, write_atomically
@@ -79,9 +79,10 @@ class Measured:
 # Perplexity on the evaluation set ------------------------------------------------------------
 
 def evaluation_set(start: Start) -> data.EvalRows:
-    """The evaluation set, evaluation.paloma's: its rows, read once for all that measure them."""
+    """The evaluation set, evaluation.paloma's (its first paloma.rows): read once for all that measure it."""
     paloma = start.config.evaluation.paloma
     rows = start.eval_sets.read(paloma.dataset_name, paloma.dataset_split, key="evaluation.paloma.dataset_name")
+    rows = rows.first(paloma.rows)
     if not rows:
         raise ConfigError(f"evaluation.paloma.dataset_name={paloma.dataset_name!r}: its "
                           f"{paloma.dataset_split!r} split has no rows; expected an evaluation set")
@@ -89,9 +90,7 @@ def evaluation_set(start: Start) -> data.EvalRows:
 
 
 def eval_rows(start: Start):
-    """The evaluation set, when evaluation.metrics holds "paloma"."""
-    if "paloma" not in (start.config.evaluation.metrics or []):
-        return None
+    """The evaluation set."""
     rows = evaluation_set(start)
     late, longest = icl_positions(start.config)[1], max(len(row) - 1 for row in rows)
     if late >= longest:  # a reason to say so, not to stop
@@ -155,22 +154,19 @@ def evaluate(model: PicoDecoder, rows: list, batch_size: int, device: torch.devi
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs, labels = data.collate(chunk)
-        counted = int((labels != -100).sum())  # counted on the host: the loop need not wait for the GPU
-        inputs, labels = inputs.to(device), labels.to(device)
-        with autocast:
-            logits, loss = model(inputs, labels)
-        nll += loss.double() * counted
-        n_tokens += counted
+        n_tokens += int((labels != -100).sum())  # counted on the host: the loop need not wait for the GPU
         n_bytes += sum(int((row[1:] < 256).sum()) for row in chunk) if byte_level else 0
-        for row, row_logits, row_labels in zip(chunk, logits, labels):  # one row's float32 logits at a time
-            row_logits = row_logits.float()
-            row_nll.append(F.cross_entropy(row_logits, row_labels, ignore_index=-100, reduction="sum"))
-            position_nll[:len(row_labels)] += F.cross_entropy(row_logits, row_labels, ignore_index=-100,
-                                                              reduction="none").double()
+        with autocast:  # each token's loss, 0 at padding: the logits are never whole (OutputHead)
+            _, losses = model(inputs.to(device), labels.to(device), reduction="none")
+        losses = losses.double()
+        nll += losses.sum()
+        row_nll.append(losses.sum(dim=1))
+        position_nll[:losses.shape[1]] += losses.sum(dim=0)
+        for row in chunk:
             position_count[:len(row) - 1] += 1
     model.train()
     lengths = torch.tensor([len(row) - 1 for row in rows], dtype=torch.float64, device=device)
-    mine = torch.stack([torch.stack(row_nll).double() if row_nll else lengths.new_zeros(0), lengths], dim=1)
+    mine = torch.stack([torch.cat(row_nll) if row_nll else lengths.new_zeros(0), lengths], dim=1)
     per_row = gather_rows(mine, counts).cpu().numpy()
     totals = torch.cat([torch.stack([nll, nll.new_tensor(n_tokens), nll.new_tensor(n_bytes)]), position_nll,
                         torch.from_numpy(position_count).to(device)])  # float64, on the device
@@ -296,8 +292,6 @@ def induction_rows(start: Start) -> np.ndarray | None:
     """evaluation.induction.sequences sequences of random tokens, each half the same, [n, 2 x
     half]: seeded by evaluation.induction.seed alone, so every size of a suite reads the same."""
     config = start.config
-    if "induction" not in (config.evaluation.metrics or []):
-        return None
     cfg, half = config.evaluation.induction, induction_half(config)
     first = np.random.default_rng([cfg.seed, half]).integers(0, config.model.vocab_size, (cfg.sequences, half))
     return np.concatenate([first, first], axis=1)
@@ -327,10 +321,11 @@ def induction(model: PicoDecoder, sequences: np.ndarray, at: At) -> Measured:
     model.eval()
     for start in range(0, len(mine), cfg.batch_size):
         chunk = torch.as_tensor(mine[start:start + cfg.batch_size], device=at.device)
+        labels = torch.cat([chunk[:, 1:], chunk.new_full((len(chunk), 1), -100)], dim=1)  # none after the last
         with at.autocast:
-            logits, _ = model.with_attention(chunk, each=each)
+            x = model.with_attention(chunk, each=each)
+            _, token_losses = model.decode(x, labels, reduction="none")
         # position p predicts token p + 1: tokens 1 .. half - 1 are the first half's, half + 1 .. the second's
-        token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), chunk[:, 1:], reduction="none")
         losses += torch.stack([token_losses[:, :half - 1].sum(), token_losses[:, half:].sum()]).double()
     model.train()
     totals = torch.cat([matching.flatten(), losses])
@@ -354,12 +349,8 @@ def induction(model: PicoDecoder, sequences: np.ndarray, at: At) -> Measured:
 
 
 def attention_rows(start: Start):
-    """The first evaluation.attention.rows rows of the evaluation set, with "attention" in
-    evaluation.metrics."""
-    config = start.config.evaluation
-    if "attention" not in (config.metrics or []):
-        return None
-    return evaluation_set(start)[:config.attention.rows]
+    """The first evaluation.attention.rows rows of the evaluation set."""
+    return evaluation_set(start)[:start.config.evaluation.attention.rows]
 
 
 @torch.no_grad()
@@ -427,10 +418,8 @@ class Task:
 
 
 def task_rows(start: Start) -> list[Task] | None:
-    """evaluation.tasks.names, each read, checked and tokenized, with "tasks" in evaluation.metrics."""
+    """evaluation.tasks.names, each read, checked and tokenized."""
     config = start.config
-    if "tasks" not in (config.evaluation.metrics or []):
-        return None
     cfg, encode = config.evaluation.tasks, text_encoder(config)
     keys, tasks = {}, []
     for name in cfg.names:
@@ -711,23 +700,23 @@ def choice_logprobs(model: PicoDecoder, task: Task, batch_size: int, device: tor
     an item has fewer choices. Each rank scores its block of the items; every rank returns all."""
     mine, counts = my_rows(task.texts)
     texts = [text for item in mine for text in item]
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i][0]))  # batches of like lengths: little padding
     scores = []
     model.eval()
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
+        chunk = [texts[i] for i in by_length[start:start + batch_size]]
         inputs, labels = data.collate([ids for ids, _ in chunk])
         for i, (ids, scored) in enumerate(chunk):  # only the continuation's tokens count
             labels[i, :len(ids) - 1 - scored] = -100
-        inputs, labels = inputs.to(device), labels.to(device)
         with autocast:
-            logits, _ = model(inputs)
-        for row_logits, row_labels in zip(logits, labels):  # one row's float32 logits at a time
-            scores.append(-F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100, reduction="sum"))
+            _, losses = model(inputs.to(device), labels.to(device), reduction="none")
+        scores.append(-losses.double().sum(dim=1))
     model.train()
     logp = torch.full((len(mine), task.text_bytes.shape[1]), math.nan, dtype=torch.float64, device=device)
     if scores:  # a rank may have no items, when there are fewer than ranks
         item, choice = zip(*[(i, c) for i, texts_of_item in enumerate(mine) for c in range(len(texts_of_item))])
-        logp[list(item), list(choice)] = torch.stack(scores).double()
+        order = torch.tensor(by_length, device=device)
+        logp[torch.tensor(item, device=device)[order], torch.tensor(choice, device=device)[order]] = torch.cat(scores)
     return gather_rows(logp, counts).cpu().numpy()
 
 
@@ -777,22 +766,34 @@ def structured(fields: dict) -> np.ndarray:
     return out
 
 
-# What every checkpoint measures, in this order: (its rows, read at start; the measurement). ------
+# What a checkpoint can measure, by its name in evaluation.metrics, in the order they run: (its
+# rows, read once at start, or None for nothing to measure; the measurement). --------------------
 
-MEASUREMENTS = [
-    (eval_rows, paloma),
-    (probe_rows, probe),
-    (induction_rows, induction),
-    (attention_rows, attention_entropy),
-    (task_rows, tasks),
-]
+MEASUREMENTS = {
+    "paloma": (eval_rows, paloma),
+    "probe": (probe_rows, probe),
+    "induction": (induction_rows, induction),
+    "attention": (attention_rows, attention_entropy),
+    "tasks": (task_rows, tasks),
+}
+
+
+def chosen(config: Config) -> list[str]:
+    """The names in evaluation.metrics, each checked to be one of MEASUREMENTS'."""
+    names = config.evaluation.metrics or []
+    if unknown := [name for name in names if name not in MEASUREMENTS]:
+        raise ConfigError(f"evaluation.metrics={names!r}: {unknown[0]!r} is not a measurement; expected "
+                          f"names of evaluation.py's MEASUREMENTS: {', '.join(MEASUREMENTS)}")
+    return names
 
 
 class Evaluation:
     """The measurements that are on, with their rows, run on each checkpoint by every rank."""
 
     def __init__(self, start: Start, run_dir: Path):
-        self.measures = [(measure, rows) for read, measure in MEASUREMENTS if (rows := read(start)) is not None]
+        names = chosen(start.config)
+        self.measures = [(measure, rows) for name, (read, measure) in MEASUREMENTS.items()
+                         if name in names and (rows := read(start)) is not None]
         self.dir, self.notes = run_dir / "eval_results", start.notes
 
     def done(self, step: int) -> bool:

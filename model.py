@@ -79,8 +79,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32 even under bf16 autocast: the mean of squares loses too much
-        # precision in bf16. Cast back before the weight, as pico-train and transformers do.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        # precision in bf16. Cast back before the weight, as pico-train and transformers do, and
+        # return x's dtype: the residual stream's float32 here, and bf16 for a bf16 input (a
+        # variant's per-head q/k norm under autocast), which the float32 weight would otherwise
+        # promote to float32 beside a bf16 v. For a float32 x the last cast does nothing.
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight).type_as(x)
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +205,68 @@ class PicoDecoderBlock(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+# Float32 logits the loss holds at once: 2**26 (256 MB) is 1,334 tokens of a 50,304-token vocabulary,
+# and all 8,192 of the demo's batch of 257. Larger chunks keep the products efficient on a CPU too.
+LOGITS_PER_CHUNK = 2 ** 26
+
+
+class OutputHead(nn.Linear):
+    """The de-embedding, d_model -> vocab, no bias: the logits of x; or, given labels, their
+    cross-entropy, computed a chunk of tokens at a time, so that a batch's logits never exist whole
+    (16 rows of 2,048 tokens of a 50,304 vocabulary would be 6.6 GB in float32, and as much again
+    for their log-softmax). A module of its own, so that FSDP gathers its weight around this call."""
+
+    def forward(self, x, labels=None, reduction: str = "mean"):
+        if labels is None:
+            return super().forward(x)
+        h, targets = x.flatten(0, -2), labels.flatten()
+        rows = max(1, LOGITS_PER_CHUNK // self.out_features)
+        if reduction != "none" and torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
+            return FusedCrossEntropy.apply(h, self.weight, targets, rows, reduction == "mean")
+        # Without a gradient to keep (evaluation), or per token: each chunk's losses in turn
+        losses = torch.cat([F.cross_entropy(F.linear(h[i:i + rows], self.weight).float(), targets[i:i + rows],
+                                            reduction="none") for i in range(0, len(h), rows)])
+        if reduction == "none":
+            return losses.view(labels.shape)
+        total = losses.sum()
+        return total / (targets != -100).sum() if reduction == "mean" else total
+
+
+class FusedCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of the logits h @ weight.T against targets (-100 ignored): their mean, or
+    their sum, in float32, and its gradients, computed in the forward pass chunk by chunk. Autograd
+    would keep each chunk's logits for the backward; here a chunk's logits become its gradient in
+    place (d loss / d logits = softmax - one_hot(target)) and go straight into the two products
+    that the backward needs, so only d loss / d h and d loss / d weight are kept. The backward
+    scales them by the gradient of the loss (1 / accumulation steps in training)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows: int, mean: bool):
+        valid = targets != -100
+        scale = valid / valid.sum() if mean else valid.float()  # each token's share of the loss
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, len(h), rows):
+            h_i, target, share = h[i:i + rows], targets[i:i + rows].clamp(min=0)[:, None], scale[i:i + rows, None]
+            logits = F.linear(h_i, weight)  # bf16 under autocast, as the model's other products
+            z = logits.float()  # float32 for the softmax: bf16 would round the loss the model is graded on
+            logsumexp = z.logsumexp(dim=-1, keepdim=True)
+            total += ((logsumexp - z.gather(1, target)) * share).sum()
+            grad = z.sub_(logsumexp).exp_().scatter_add_(1, target, -torch.ones_like(share)).mul_(share)
+            grad = grad.to(logits.dtype)
+            grad_h[i:i + rows] = grad @ weight
+            grad_weight += grad.t() @ h_i
+        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
 class PicoDecoder(nn.Module):
     # Parameters keep PyTorch's default initialisation (nn.Linear: Kaiming-uniform, nn.Embedding:
     # N(0, 1), norms: 1), exactly as pico-train builds the published suite.
@@ -211,16 +276,26 @@ class PicoDecoder(nn.Module):
         self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(PicoDecoderBlock(config) for _ in range(config.n_layers))
         self.output_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.de_embedding_proj = OutputHead(config.d_model, config.vocab_size, bias=False)
         # Not persistent: derived from the config, so checkpoints carry only real weights.
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_blocks = False  # training.activation_checkpointing
 
-    def forward(self, input_ids, labels=None, *, kv_cache: KVCache | None = None):
-        """logits [B, T, vocab], and the mean cross-entropy against labels (no shift here:
-        labels[:, t] is the token to predict at position t; -100 is ignored)."""
+    def forward(self, input_ids, labels=None, *, reduction: str = "mean", kv_cache: KVCache | None = None):
+        """Without labels: (logits [B, T, vocab], None). With labels: (None, loss), the cross-entropy
+        against them (no shift here: labels[:, t] is the token to predict at position t; -100 is
+        ignored): their mean, or with reduction="sum" their sum, or "none" each token's [B, T] (0
+        where ignored). The loss is computed in chunks (OutputHead) and never forms the whole
+        batch's logits, so it returns none; for logits, call without labels, or decode
+        residual_stream's output a piece at a time."""
+        return self.decode(self.residual_stream(input_ids, kv_cache=kv_cache), labels, reduction)
+
+    def residual_stream(self, input_ids, *, kv_cache: KVCache | None = None, each=None):
+        """The residual stream [B, T, d_model] after the last block: the tokens' embeddings, to which
+        each block adds what its attention and its MLP compute. each(layer index, x), if given,
+        receives each block's output as it is made (for a logit lens: decode(x, labels))."""
         start = 0 if kv_cache is None else kv_cache.seq_len
         T = input_ids.shape[1]
         if start + T > self.config.max_seq_len:
@@ -235,29 +310,34 @@ class PicoDecoder(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, kv_cache, i)
-        logits = self.de_embedding_proj(self.output_norm(x))
-        return logits, None if labels is None else self.next_token_loss(logits, labels)
+            if each is not None:
+                each(i, x)
+        return x
 
-    def with_attention(self, input_ids, labels=None, *, each):
-        """forward(input_ids, labels), which also hands each layer's attention probabilities
+    def decode(self, x, labels=None, reduction: str = "mean"):
+        """The output head on a residual stream x [B, T, d_model] (the last block's, or any block's
+        for a logit lens): output_norm, then the de-embedding. Returns forward's pair: (logits,
+        None), or with labels (None, the loss), computed without the whole logits."""
+        h = self.output_norm(x)
+        if labels is None:
+            return self.de_embedding_proj(h), None
+        return None, self.de_embedding_proj(h, labels, reduction)
+
+    def with_attention(self, input_ids, *, each):
+        """residual_stream(input_ids), which also hands each layer's attention probabilities
         [B, heads, T, T] (Attention.probabilities) to each(layer index, probabilities) as that layer
         runs, so one layer's are held at a time. For analysis: training's forward takes SDPA's
-        fused kernel alone and never forms them."""
+        fused kernel alone and never forms them. decode() the result for logits or losses."""
         index = {block.attention: i for i, block in enumerate(self.layers)}
 
         def hook(attention, args, output):  # args: what the block passed, (x, cos, sin, ...)
             each(index[attention], attention.probabilities(*args[:3]))
         hooks = [block.attention.register_forward_hook(hook) for block in self.layers]
         try:
-            return self(input_ids, labels)
+            return self.residual_stream(input_ids)
         finally:
             for handle in hooks:
                 handle.remove()
-
-    @staticmethod
-    def next_token_loss(logits, labels):
-        # float32 for the softmax: bf16 logits would round the loss the model is graded on.
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None):
@@ -267,7 +347,7 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens="
                              f"{max_new_tokens} exceeds model.max_seq_len={self.config.max_seq_len}")
         cache = KVCache(self.config.n_layers)
-        logits, _ = self(input_ids, kv_cache=cache)
+        logits, _ = self.decode(self.residual_stream(input_ids, kv_cache=cache)[:, -1:])  # the last position's
         out = input_ids
         for i in range(max_new_tokens):
             next_logits = logits[:, -1, :].float()

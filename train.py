@@ -242,6 +242,7 @@ class Run:
     start_over: bool = False  # move the directory's checkpoints and records aside first
     lock: object = None  # rank 0's hold on the directory (records.lock_run_directory)
     carried: dict = dataclasses.field(default_factory=dict)  # its Checkpoints.run_state
+    schedule_changes: list = dataclasses.field(default_factory=list)  # resumed under another schedule
 
 
 def open_run(config: Config, env: Env) -> Run:
@@ -263,7 +264,7 @@ def open_run(config: Config, env: Env) -> Run:
                           f"(up to {latest.name}); expected another checkpointing.run_name, or "
                           f"checkpointing.training.start_over=True to move them aside and start over")
     if latest is not None:
-        check_resume_compatible(config, run.dir / "training_config.yaml")
+        run.schedule_changes = check_resume_compatible(config, run.dir / "training_config.yaml")
         run.state = checkpoint.read_checkpoint(latest, config.model)
         run.resumed_from, run.start_step, run.weights = latest, run.state["step"], run.state.pop("model")
         run.carried = run.state.get("run_state", {})
@@ -309,6 +310,7 @@ def open_data(config: Config, env: Env, run: Run) -> tuple:
         checkpoint.capture_modules(PicoDecoder(config.model), ld.layer_suffixes, ld.layers)
     if ld.eval_data is not None:
         ld_rows = eval_sets.read(ld.eval_data, "val", key="checkpointing.learning_dynamics.eval_data")
+        ld_rows = ld_rows.first(ld.eval_rows)
         if not ld_rows:
             raise ConfigError(f"checkpointing.learning_dynamics.eval_data={ld.eval_data!r}: its 'val' "
                               f"split has no rows; expected rows to capture on, or None")
@@ -376,10 +378,9 @@ def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
 
 def compile_blocks(model: PicoDecoder):
     """Each block compiled on its own, once, so that a wrapper's hooks between blocks stay eager; and
-    the loss, whose float32 logits compiled code never stores whole."""
-    for block in model.layers:
-        block.forward = torch.compile(block.forward)
-    model.next_token_loss = torch.compile(PicoDecoder.next_token_loss)
+    the output head with its chunked loss."""
+    for module in [*model.layers, model.de_embedding_proj]:
+        module.forward = torch.compile(module.forward)
 
 
 class Progress:
@@ -413,6 +414,9 @@ class Progress:
         if run.resumed_from is not None:
             log.info(f"resumed from {run.resumed_from} at step {run.start_step}" + (
                 "; checkpointing.training.init_from ignored" if init_from else ""))
+        if run.schedule_changes:
+            log.warning(f"resumed with another schedule than the run's training_config.yaml, from step "
+                        f"{run.start_step} on: {'; '.join(run.schedule_changes)}")
         elif init_from is not None:
             log.info(f"initial weights from {init_from} (checkpointing.training.init_from)")
         self.tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len

@@ -137,7 +137,7 @@ def test_bad_behaviour_settings_are_one_line_before_anything_is_written(tiny, ov
 
 def test_induction_is_on_by_default_and_needs_rows_of_8_tokens():
     config = pico_config.Config()
-    assert config.evaluation.metrics == ["paloma", "induction", "attention"]
+    assert config.evaluation.metrics == ["paloma", "probe", "induction", "attention"]
     config.model.max_seq_len = 4
     with pytest.raises(pico_config.ConfigError, match="no 'induction' when model.max_seq_len=4 < 8"):
         pico_config.validate(config, 1)

@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     common = [*COMMON, *eval_args(tmp / "val"), f"--checkpointing.learning_dynamics.eval_data={tmp / 'val'}",
               *PROBE, "--evaluation.probe.rows=11",  # split 5 and 6 over the ranks
               *BYTES, *tasks,
-              "--evaluation.metrics=['paloma', 'induction', 'attention', 'tasks']", "--evaluation.induction.sequences=5",
+              "--evaluation.metrics=['paloma', 'probe', 'induction', 'attention', 'tasks']", "--evaluation.induction.sequences=5",
               "--evaluation.induction.batch_size=2", "--evaluation.attention.rows=3",
               "--monitoring.loss_spikes.std_devs=0.01", "--monitoring.loss_spikes.window=2"]  # most rises
     run(config, *common, "--checkpointing.run_name=one")

@@ -66,6 +66,13 @@ def test_each_checkpoint_records_every_evaluation_rows_loss_as_a_separate_forwar
         np.testing.assert_allclose(recorded["loss"], losses, rtol=1e-5)
 
 
+def test_paloma_rows_evaluates_the_first_rows_of_the_evaluation_set_alone(tiny, tmp_path):
+    config, runs = tiny
+    write_eval_set(tmp_path / "paloma" / "val", [33, 20, 33, 2, 17])
+    run(config, "--training.max_steps=1", *eval_args(tmp_path / "paloma"), "--evaluation.paloma.rows=3")
+    assert np.load(runs / "run" / "eval_results" / "step_1_rows.npy")["tokens"].tolist() == [32, 19, 32]
+
+
 def test_a_resumed_run_does_not_evaluate_a_checkpoint_again(tiny, tmp_path):
     config, runs = tiny
     write_eval_set(tmp_path / "paloma", [33, 33])

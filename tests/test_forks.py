@@ -3,6 +3,7 @@ it (a model variant in model.py, a new measurement in evaluation.py) trains, che
 and records it, with nothing else touched."""
 
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -102,45 +103,49 @@ def test_a_variant_run_resumed_under_another_variant_of_the_same_shapes_is_refus
     assert "model.mlp (run: 'gelu', new config: 'swiglu')" in result.stderr
 
 
-# A per-layer statistic of attention on the evaluation rows, added where measurements live.
-ATTENTION_ENTROPY = [
-    ("# What every checkpoint measures,", '''def attention_entropy(model, rows, at):
-    """The mean entropy of each layer's attention over the evaluation rows' tokens."""
-    mine, counts = my_rows(rows)
-    sums = torch.zeros(model.config.n_layers, dtype=torch.float64)
+# A logit lens (nostalgebraist 2020), added where measurements live: each layer's residual stream
+# decoded by the output head, its loss on the evaluation rows.
+LOGIT_LENS = [
+    ("# What a checkpoint can measure,", '''@torch.no_grad()
+def logit_lens(model, rows, at):
+    """Each layer's mean loss on the evaluation rows, its output decoded by the output head."""
+    mine, _ = my_rows(rows)
+    sums = torch.zeros(model.config.n_layers + 1, dtype=torch.float64)
+    for row in mine:
+        inputs, labels = data.collate([row])
 
-    def each(layer, probabilities):
-        logs = probabilities.clamp_min(1e-30).log()
-        sums[layer] += -(probabilities * logs).sum(-1).mean(dim=(1, 2)).sum().double()
-    with torch.no_grad():
-        for row in mine:
-            model.with_attention(torch.as_tensor(row[None, :-1]), each=each)
-    totals = torch.stack([sums, sums.new_full(sums.shape, float(len(mine)))])
+        def each(layer, x):
+            sums[layer] += model.decode(x, labels, reduction="sum")[1].double()
+        model.residual_stream(inputs, each=each)
+        sums[-1] += len(row) - 1
     if dist.is_initialized():
-        dist.all_reduce(totals)
-    entropy = (totals[0] / totals[1]).tolist()
-    return Measured(results={"attention_entropy": entropy},
-                    record={f"attention_entropy/layers.{i}": e for i, e in enumerate(entropy)})
+        dist.all_reduce(sums)
+    losses = (sums[:-1] / sums[-1]).tolist()
+    return Measured(results={"logit_lens": losses},
+                    record={f"logit_lens/layers.{i}": loss for i, loss in enumerate(losses)})
 
 
-# What every checkpoint measures,'''),
-    ("    (probe_rows, probe),\n", "    (probe_rows, probe),\n    (eval_rows, attention_entropy),\n"),
+# What a checkpoint can measure,'''),
+    ('    "probe": (probe_rows, probe),\n', '    "probe": (probe_rows, probe),\n    "logit_lens": (eval_rows, logit_lens),\n'),
 ]
 
 
 def test_a_measurement_in_evaluation_py_alone_is_recorded_and_never_doubled_on_resume(tiny, tmp_path):
     config, runs = tiny
-    code = fork(tmp_path, "evaluation.py", *ATTENTION_ENTROPY)
+    code = fork(tmp_path, "evaluation.py", *LOGIT_LENS)
     write_eval_set(tmp_path / "paloma", [33, 20, 9])
-    train(code, config, "--training.max_steps=4", *eval_args(tmp_path / "paloma"))
+    on = [*eval_args(tmp_path / "paloma"), "--evaluation.metrics=['paloma', 'logit_lens']"]
+    train(code, config, "--training.max_steps=4", *on)
     results = runs / "run" / "eval_results"
-    entropy = json.loads((results / "step_4.json").read_text())["attention_entropy"]
-    assert len(entropy) == 2 and all(0 < e < 3.5 for e in entropy)  # below ln(33), the most there is
+    measured = json.loads((results / "step_4.json").read_text())
+    lens = measured["logit_lens"]
+    # The last layer decoded is the model itself: its loss is the evaluation's
+    assert len(lens) == 2 and lens[-1] == pytest.approx(math.log(measured["paloma"]), rel=1e-5)
     (results / "step_4.json").unlink()  # as if killed while evaluating checkpoint 4
-    train(code, config, "--training.max_steps=8", *eval_args(tmp_path / "paloma"))
+    train(code, config, "--training.max_steps=8", *on)
     records = [json.loads(line) for line in (runs / "run" / "metrics.jsonl").read_text().splitlines()]
-    measured = [r["step"] for r in records if "attention_entropy/layers.0" in r]
+    measured = [r["step"] for r in records if "logit_lens/layers.0" in r]
     assert measured == sorted(set(measured)) and 4 in measured and 8 in measured  # once each
-    assert all(r["evaluation"] is True for r in records if "attention_entropy/layers.0" in r)
-    assert json.loads((results / "step_4.json").read_text())["attention_entropy"] == pytest.approx(entropy)
+    assert all(r["evaluation"] is True for r in records if "logit_lens/layers.0" in r)
+    assert json.loads((results / "step_4.json").read_text())["logit_lens"] == pytest.approx(lens)
     assert sorted(losses(runs / "run")) == list(range(1, 9))

@@ -58,6 +58,17 @@ def test_every_checkpoint_holds_the_contracted_files_keys_and_shapes(captured_ru
                            for t in (acts[key], weights[key], grads[key]))
 
 
+def test_eval_rows_captures_on_the_first_rows_of_the_evaluation_set(captured_run):
+    config, run_dir, _, val = captured_run
+    run(config, "--training.max_steps=4", "--checkpointing.learning_dynamics.batch_size=3", "--checkpointing.run_name=two",
+        f"--checkpointing.learning_dynamics.eval_data={run_dir.parent.parent / 'val'}",
+        "--checkpointing.learning_dynamics.eval_rows=2")
+    for step in (0, 4):
+        first, all_rows = (load(directory, step, "val_activations.pt") for directory in (run_dir.parent / "two", run_dir))
+        for key in all_rows:
+            torch.testing.assert_close(first[key], all_rows[key][:2])
+
+
 def test_train_data_holds_the_rows_of_the_batch_each_checkpoint_captured_on(captured_run):
     datasets = pytest.importorskip("datasets")
     config, run_dir, none_dir, _ = captured_run

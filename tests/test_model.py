@@ -43,29 +43,86 @@ def greedy_by_recomputing(model: PicoDecoder, ids: torch.Tensor, n: int) -> torc
 # Forward and loss
 # ---------------------------------------------------------------------------------------------
 
-def test_forward_returns_logits_per_position_and_a_scalar_loss():
+def test_forward_returns_logits_without_labels_and_a_scalar_loss_without_logits_with_them():
     ids = token_ids(3, 10)
+    logits, loss = tiny_model()(ids)
+    assert logits.shape == (3, 10, TINY["vocab_size"]) and loss is None
     logits, loss = tiny_model()(ids, labels=token_ids(3, 10, seed=2))
-    assert logits.shape == (3, 10, TINY["vocab_size"])
-    assert loss.shape == ()
+    assert logits is None and loss.shape == ()
 
 
-def test_loss_is_none_without_labels():
-    _, loss = tiny_model()(token_ids(2, 10))
-    assert loss is None
+def labels_with_ignored() -> torch.Tensor:
+    labels = token_ids(2, 12, seed=2)
+    labels[0, :5] = -100
+    labels[1, 7] = -100
+    return labels
+
+
+def by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each token's cross-entropy, with no shift (labels[b, t] is the token to predict at position
+    t), 0 where the label is -100."""
+    log_probs = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return -log_probs * (labels != -100)
 
 
 def test_loss_is_mean_cross_entropy_over_labels_that_are_not_minus_100():
-    ids, labels = token_ids(2, 12), token_ids(2, 12, seed=2)
-    labels[0, :5] = -100
-    labels[1, 7] = -100
-    logits, loss = tiny_model()(ids, labels)
-    # By hand, with no shift: labels[b, t] is the token to predict at position t.
-    keep = labels != -100
-    log_probs = logits.float().log_softmax(-1)[keep]
-    expected = -log_probs.gather(-1, labels[keep][:, None]).mean()
-    assert keep.sum() == 24 - 6
-    torch.testing.assert_close(loss, expected)
+    model, ids, labels = tiny_model(), token_ids(2, 12), labels_with_ignored()
+    _, loss = model(ids, labels)
+    assert (labels != -100).sum() == 24 - 6
+    torch.testing.assert_close(loss, by_hand(model(ids)[0], labels).sum() / 18)
+
+
+def test_each_tokens_loss_and_their_sum_are_those_of_the_logits():
+    model, ids, labels = tiny_model(), token_ids(2, 12), labels_with_ignored()
+    expected = by_hand(model(ids)[0], labels)
+    _, each = model(ids, labels, reduction="none")
+    _, total = model(ids, labels, reduction="sum")
+    torch.testing.assert_close(each, expected)
+    torch.testing.assert_close(total, expected.sum())
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 24])
+def test_the_chunked_loss_and_its_gradients_are_those_of_the_whole_logits(monkeypatch, chunk_tokens):
+    model, ids, labels = tiny_model().train(), token_ids(2, 12), labels_with_ignored()
+    whole = by_hand(model(ids)[0], labels).sum() / (labels != -100).sum()
+    (0.5 * whole).backward()  # the loss scaled, as a micro-batch's is in training
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(pico, "LOGITS_PER_CHUNK", chunk_tokens * TINY["vocab_size"])
+    _, loss = model(ids, labels)
+    (0.5 * loss).backward()
+    torch.testing.assert_close(loss, whole)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_under_bf16_autocast_the_loss_is_float32_and_close_to_the_whole_logits():
+    model, ids, labels = tiny_model().train(), token_ids(2, 12), labels_with_ignored()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(ids)
+        _, loss = model(ids, labels)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, by_hand(logits, labels).sum() / (labels != -100).sum())
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_decoding_the_residual_stream_is_the_forward_and_each_layers_output_is_handed_over():
+    model, ids, labels = tiny_model(), token_ids(2, 12), labels_with_ignored()
+    seen = []
+    with torch.no_grad():
+        x = model.residual_stream(ids, each=lambda i, out: seen.append((i, out)))
+        assert torch.equal(model.decode(x)[0], model(ids)[0])
+        assert torch.equal(model.decode(x, labels)[1], model(ids, labels)[1])
+    assert [i for i, _ in seen] == list(range(TINY["n_layers"])) and seen[-1][1] is x
+    assert all(out.shape == (2, 12, TINY["d_model"]) for _, out in seen)
+
+
+def test_rms_norm_returns_its_inputs_dtype_and_float32_numbers_for_float32():
+    norm = pico.RMSNorm(TINY["d_model"], 1e-6)
+    x = torch.randn(3, TINY["d_model"])
+    torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=0, atol=1e-6)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_forward_longer_than_max_seq_len_raises_value_error():
@@ -238,10 +295,9 @@ def test_with_attention_hands_over_every_layer_and_changes_no_logit():
     model, ids = tiny_model(), token_ids(2, 16)
     seen = {}
     with torch.no_grad():
-        logits, loss = model.with_attention(ids, ids, each=lambda i, p: seen.setdefault(i, p.shape))
-        plain_logits, plain_loss = model(ids, ids)
+        x = model.with_attention(ids, each=lambda i, p: seen.setdefault(i, p.shape))
+        assert torch.equal(model.decode(x)[0], model(ids)[0])
     assert seen == {i: (2, TINY["attention_n_heads"], 16, 16) for i in range(TINY["n_layers"])}
-    assert torch.equal(logits, plain_logits) and torch.equal(loss, plain_loss)
     model(ids)  # the hooks are gone: nothing is handed over any more
     assert len(seen) == TINY["n_layers"] and not any(m._forward_hooks for m in model.modules())
 

@@ -40,7 +40,7 @@ training.optimization.lr_warmup_steps = 3
 checkpointing.run_name = "run"
 checkpointing.runs_dir = {runs!r}
 checkpointing.save_every_n_steps = 4
-evaluation.metrics = []
+evaluation.metrics = ["probe"]  # with probe.rows = 0: nothing measured
 evaluation.probe.rows = 0
 checkpointing.learning_dynamics.eval_data = None
 monitoring.logging.log_every_n_steps = 1
@@ -141,6 +141,16 @@ def test_resume_after_sigterm_is_the_same_run(tiny, tmp_path):
     assert "SIGTERM: stopped at step" in output
     run(config, *longer)
     assert_same_run(runs / "whole", runs / "run")
+
+
+def test_a_resume_under_another_schedule_says_which_keys_changed(tiny):
+    config, _ = tiny
+    run(config, "--training.max_steps=4")
+    said = run(config, "--training.max_steps=8", "--training.optimization.lr=1e-3").stdout
+    assert ("resumed with another schedule than the run's training_config.yaml, from step 4 on: "
+            "training.max_steps (run: 4, now: 8); training.optimization.lr (run: 0.003, now: 0.001)") in said
+    said = run(config, "--training.max_steps=12", "--training.optimization.lr=1e-3").stdout
+    assert "from step 8 on: training.max_steps (run: 8, now: 12)\n" in said  # the lr is the run's now
 
 
 def test_resume_after_kill_9_is_the_same_run(tiny):
