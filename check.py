@@ -15,8 +15,9 @@ record of each step, the evaluation of each checkpoint both have, and every file
 (training_state.pt's unseeded Python and NumPy generators aside). Last, checkpoint 4's export is
 loaded back with PicoDecoder.from_pretrained, and with transformers where it is installed and the
 export is a Llama, and measured again: the perplexity the run recorded, the same logits. A line for
-each part, then one saying what passed; exit status 1 at the first part that fails, keeping the
-runs for a look.
+each part, then one saying what passed; exit status 1 at the first part that fails. The runs are
+written to a temporary directory, removed when the check passes, or to checkpointing.runs_dir
+where an override names one, and kept.
 """
 
 import json
@@ -50,28 +51,33 @@ def main(argv: list[str]) -> int:
     config = load_config(config_path, overrides)  # a bad config or override: its one line, now
     heads, accum = config.model.attention_n_heads, config.training.optimization.gradient_accumulation_steps
     width = 8 * heads
-    runs = Path(tempfile.mkdtemp(prefix="pico-check-"))
-    shrink = [f"--model.n_layers=2", f"--model.d_model={width}", f"--model.activation_hidden_dim={4 * width}",
+    keep = any(arg.startswith("--checkpointing.runs_dir=") for arg in overrides)
+    runs = Path(config.checkpointing.runs_dir) if keep else Path(tempfile.mkdtemp(prefix="pico-check-"))
+    if earlier := [name for name in ("whole", "stopped") if (runs / name).exists()]:
+        raise ConfigError(f"checkpointing.runs_dir={str(runs)!r} holds the runs {' and '.join(earlier)} of an "
+                          f"earlier check; expected a directory without them")
+    shrink = ["--model.n_layers=2", f"--model.d_model={width}", f"--model.activation_hidden_dim={4 * width}",
               f"--data.dataloader.batch_size={2 * accum}", f"--training.max_steps={STEPS}",
               f"--checkpointing.save_every_n_steps={EVERY}", "--checkpointing.log_spaced_until=0",
               f"--checkpointing.runs_dir={runs}", "--checkpointing.save_to_hf=False",
               "--monitoring.save_to_wandb=False", "--monitoring.logging.log_every_n_steps=1"]
     command = [sys.executable, str(ROOT / "train.py"), config_path, *overrides, *shrink]
     config = load_config(config_path, overrides + shrink)
-    measured = evaluation.chosen(config)
     started = time.perf_counter()
     print(f"check: {config_path} with {PicoDecoder.__name__} shrunk to 2 blocks of width {width}, "
           f"{STEPS} steps of {2 * accum} rows, in {runs}", flush=True)
     try:
-        whole = train(command, "whole")
+        whole = train(command, runs, "whole")
         print(f"  trains: {STEPS} steps, loss {whole['losses'][1]:.4f} at step 1, {whole['losses'][STEPS]:.4f} "
               f"at step {STEPS}; checkpoints 0, {EVERY} and {STEPS} with learning-dynamics captures", flush=True)
-        print(f"  measures each checkpoint: {', '.join(measured) or 'nothing (evaluation.metrics is empty)'}",
-              flush=True)
+        said = [line.split("measured at each checkpoint: ")[1].strip() for line in whole["stdout"].splitlines()
+                if "measured at each checkpoint: " in line]
+        measured = said[0] if said else "nothing"
+        print(f"  measures each checkpoint: {measured}", flush=True)
         stopped_at = stop_after_checkpoint_0(command)
         print(f"  stops on SIGTERM at step {stopped_at}, saving it; exits 0", flush=True)
-        resumed = train(command, "stopped")
-        if f"resumed from" not in resumed["stdout"]:
+        resumed = train(command, runs, "stopped")
+        if "resumed from" not in resumed["stdout"]:
             raise Failed("started again, the stopped run did not resume from its checkpoint")
         compare(runs / "whole", runs / "stopped")
         print(f"  resumes from step {stopped_at} and is the same run bit for bit: training records, "
@@ -80,19 +86,20 @@ def main(argv: list[str]) -> int:
     except Failed as e:
         print(f"check FAILED: {e}; the runs are in {runs}", flush=True)
         return 1
-    shutil.rmtree(runs)
+    if not keep:
+        shutil.rmtree(runs)
     print(f"check passed in {time.perf_counter() - started:.0f} s: trains, checkpoints with captures, "
-          f"measures{' ' + ', '.join(measured) if measured else ' nothing'}, stops, resumes bit for bit, "
-          f"exports and loads back", flush=True)
+          f"measures {measured}, stops, resumes bit for bit, exports and loads back", flush=True)
     return 0
 
 
-def train(command: list[str], name: str) -> dict:
+def train(command: list[str], runs: Path, name: str) -> dict:
     """train.py to the end under checkpointing.run_name=name: its output and training losses."""
-    result = subprocess.run(command + [f"--checkpointing.run_name={name}"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command + [f"--checkpointing.run_name={name}"], capture_output=True, text=True,
+                            cwd=ROOT)
     if result.returncode != 0:
         raise Failed(f"train.py exited {result.returncode}: {last_line(result.stderr or result.stdout)}")
-    records = training_records(run_dir(command, name), "loss")
+    records = training_records(runs / name, "loss")
     return {"stdout": result.stdout, "losses": {step: record["loss"] for step, record in records.items()}}
 
 
@@ -121,8 +128,7 @@ def compare(whole: Path, resumed: Path):
         mine, theirs = training_records(whole, kind), training_records(resumed, kind)
         for step in sorted(set(mine) & set(theirs)):
             if mine[step] != theirs[step]:
-                key = next(k for k in mine[step].keys() | theirs[step].keys()
-                           if mine[step].get(k) != theirs[step].get(k))
+                key = next(k for k in [*mine[step], *theirs[step]] if mine[step].get(k) != theirs[step].get(k))
                 raise Failed(f"resumed, step {step}'s {key} is {theirs[step].get(key)!r}, not "
                              f"{mine[step].get(key)!r} as in the run that never stopped")
         if kind == "loss" and set(mine) != set(theirs):
@@ -156,11 +162,11 @@ def export(run: Path, config) -> str:
     except Exception as e:
         raise Failed(f"PicoDecoder.from_pretrained({directory}) failed: {e}") from None
     said = [f"step_{STEPS} loads with PicoDecoder.from_pretrained"]
-    eval_sets = data.EvalSets(config.model.max_seq_len + 1, config.model.vocab_size, config.data.seed)
-    rows = evaluation.evaluation_set(evaluation.Start(config, None, eval_sets, {}))
     if "paloma" in evaluation.chosen(config):
         import train  # its device and precision, as the run had them
         env = train.setup(config)
+        eval_sets = data.EvalSets(config.model.max_seq_len + 1, config.model.vocab_size, config.data.seed)
+        rows = evaluation.evaluation_set(evaluation.Start(config, None, eval_sets, {}))
         again = evaluation.evaluate(model.to(env.device), rows, config.evaluation.paloma.batch_size, env.device,
                                     env.autocast, byte_level=False)["perplexity"]
         recorded = json.loads((run / "eval_results" / f"step_{STEPS}.json").read_text())["paloma"]
@@ -173,19 +179,16 @@ def export(run: Path, config) -> str:
         except ImportError:
             said.append("(transformers is not installed: not loaded there)")
             return "; ".join(said)
+        transformers.utils.logging.disable_progress_bar()
         theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-        ids = torch.as_tensor(rows[0][None, :-1]).cpu()
+        ids = torch.randint(0, config.model.vocab_size, (2, config.model.max_seq_len),
+                            generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             difference = (theirs(ids).logits - model.cpu()(ids)[0]).abs().max().item()
         if difference > 1e-4:
             raise Failed(f"transformers' logits differ from PicoDecoder's by {difference:.2g} (expected <= 1e-4)")
         said.append(f"transformers' LlamaForCausalLM loads it with the same logits (within {difference:.1g})")
     return "; ".join(said)
-
-
-def run_dir(command: list[str], name: str) -> Path:
-    runs = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--checkpointing.runs_dir="))
-    return Path(runs) / name
 
 
 def training_records(run: Path, kind: str) -> dict[int, dict]:

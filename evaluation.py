@@ -791,9 +791,9 @@ class Evaluation:
     """The measurements that are on, with their rows, run on each checkpoint by every rank."""
 
     def __init__(self, start: Start, run_dir: Path):
-        names = chosen(start.config)
-        self.measures = [(measure, rows) for name, (read, measure) in MEASUREMENTS.items()
-                         if name in names and (rows := read(start)) is not None]
+        on = [(name, measure, rows) for name, (read, measure) in MEASUREMENTS.items()
+              if name in chosen(start.config) and (rows := read(start)) is not None]
+        self.names, self.measures = [name for name, _, _ in on], [(measure, rows) for _, measure, rows in on]
         self.dir, self.notes = run_dir / "eval_results", start.notes
 
     def done(self, step: int) -> bool:

@@ -405,7 +405,7 @@ class Progress:
                  f"{len(shards.files)} shards | global batch {config.data.dataloader.batch_size} x "
                  f"{config.model.max_seq_len} tokens, {env.world_size} process(es) x "
                  f"{config.training.optimization.gradient_accumulation_steps} micro-step(s)" + (
-                     f" | measured at each checkpoint: {', '.join(m.__name__ for m, _ in measures.measures)}"
+                     f" | measured at each checkpoint: {', '.join(measures.names)}"
                      if measures.measures else ""))
         if variant := checkpoint.beyond_llama(config.model):
             log.info(f"checkpoints: {', '.join(variant)} is beyond transformers' Llama, so the weights are "

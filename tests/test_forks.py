@@ -5,6 +5,7 @@ and records it, with nothing else touched."""
 import json
 import math
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import launcher
 from test_evaluation import eval_args, write_eval_set
-from test_train import ROOT, assert_same_run, losses
+from test_train import ROOT, losses
 
 
 def fork(tmp_path: Path, file: str, *edits: tuple[str, str]) -> Path:
@@ -37,8 +38,8 @@ def train(code: Path, config: Path, *overrides):
 
 def python(code: Path, program: str) -> str:
     """What a program printed, run beside the fork's modules."""
-    (code / "check.py").write_text(textwrap.dedent(program))
-    result = launcher.run([sys.executable, str(code / "check.py")], capture_output=True, text=True,
+    (code / "program.py").write_text(textwrap.dedent(program))
+    result = launcher.run([sys.executable, str(code / "program.py")], capture_output=True, text=True,
                           cwd=code, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -65,16 +66,29 @@ class PicoDecoderBlock(nn.Module):"""),
 ]
 
 
+def check(code: Path, config: Path, *overrides) -> subprocess.CompletedProcess:
+    """check.py of a copy of the project, on config."""
+    return launcher.run([sys.executable, str(code / "check.py"), str(config), *overrides], capture_output=True,
+                        text=True, cwd=code, timeout=300)
+
+
+def test_check_passes_on_the_demo_and_says_what_passed():
+    result = check(ROOT, ROOT / "configs" / "local.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("check passed in ") and last.endswith(
+        "s: trains, checkpoints with captures, measures paloma, probe, induction, attention, tasks, stops, "
+        "resumes bit for bit, exports and loads back")
+    assert "transformers' LlamaForCausalLM loads it with the same logits" in result.stdout
+
+
 def test_a_model_variant_in_model_py_alone_trains_checkpoints_resumes_and_loads(tiny, tmp_path):
     config, runs = tiny
     code = fork(tmp_path, "model.py", *GELU_MLP)
-    variant = ["--model.mlp=gelu", "--training.max_steps=8"]
-    first = train(code, config, *variant, "--training.max_steps=4")
-    assert "transformers cannot" in first.stdout  # said once, at start
-    train(code, config, *variant)
-    train(code, config, *variant, "--checkpointing.run_name=whole")
-    assert_same_run(runs / "whole", runs / "run")
-    step = runs / "run" / "checkpoints" / "step_8"
+    result = check(code, config, "--model.mlp=gelu", f"--checkpointing.runs_dir={runs}")
+    assert result.returncode == 0 and "check passed" in result.stdout, result.stdout + result.stderr
+    assert "transformers cannot" in (runs / "whole" / "logs").glob("*.log").__next__().read_text()  # said at start
+    step = runs / "whole" / "checkpoints" / "step_4"
     saved = json.loads((step / "config.json").read_text())
     assert saved["model_type"] == "pico_decoder" and saved["mlp"] == "gelu"
     activations = step / "learning_dynamics" / "train_activations.pt"
@@ -90,6 +104,22 @@ def test_a_model_variant_in_model_py_alone_trains_checkpoints_resumes_and_loads(
     assert json.loads((llama / "config.json").read_text())["model_type"] == "llama"
     assert python(code, f"from model import PicoDecoder; print(PicoDecoder.from_pretrained({str(llama)!r})"
                         f".config.mlp)").strip() == "swiglu"
+
+
+# A schedule with a state of its own (the steps it has been asked about), which no checkpoint holds:
+# a resumed run starts it again, and its learning rates are no longer the run's.
+COUNTING_SCHEDULE = [("    def multiplier(n: int) -> float:\n",
+                      "    calls = itertools.count()\n\n    def multiplier(n: int) -> float:\n"
+                      "        n = next(calls)  # the bug: the steps this process has seen\n"),
+                     ("import collections\n", "import collections\nimport itertools\n")]
+
+
+def test_check_finds_a_fork_whose_resumed_run_is_another_run(tiny, tmp_path):
+    config, _ = tiny
+    result = check(fork(tmp_path, "train.py", *COUNTING_SCHEDULE), config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("check FAILED: resumed, step 2's lr is ") and "as in the run that never stopped" in last
 
 
 def test_a_variant_run_resumed_under_another_variant_of_the_same_shapes_is_refused_only_by_shape(tiny, tmp_path):
