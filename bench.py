@@ -115,7 +115,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import transformers
 from huggingface_hub import constants
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -137,14 +136,26 @@ def machine(device: torch.device) -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")
+            f"torch {torch.__version__}" + (f", transformers {sys.modules['transformers'].__version__}"
+                                             if "transformers" in sys.modules else ""))
+
+
+def shape(name: str, seq_len: int) -> ModelConfig:
+    """A suite size's model, or the demo's (configs/local.py), at seq_len tokens."""
+    if name == "demo":
+        config = load_config(str(Path(__file__).resolve().parent / "configs" / "local.py"), []).model
+        return dataclasses.replace(config, max_seq_len=seq_len)
+    return ModelConfig(**SUITE[name], max_seq_len=seq_len)
 
 
 def build(name: str, seq_len: int, device: torch.device):
-    """The two models of suite size `name`, each with its own AdamW."""
-    config = ModelConfig(**SUITE[name], max_seq_len=seq_len)
+    """The two models of size `name` (shape()), each with its own AdamW."""
+    config = shape(name, seq_len)
     torch.manual_seed(0)
     pico = PicoDecoder(config).to(device)
+    import transformers  # the reference: imported where it is compared, not by every mode
+
+    transformers.logging.set_verbosity_error()
     hf_config = transformers.LlamaConfig(**checkpoint.hf_config(config), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_config).to(device)
     n_pico, n_hf = pico.num_params(), sum(p.numel() for p in hf.parameters())
@@ -390,7 +401,9 @@ def bench_checkpoint(args, device: torch.device):
     print(f"| size | part | seconds | / 1,000 steps of {args.batch_size} rows | / 1,000 steps of {suite_rows} rows |")
     print("|---|---|---:|---:|---:|")
     for name in args.model:
-        (model, optimizer), _ = build(name, args.seq_len, device)
+        torch.manual_seed(0)
+        model = PicoDecoder(shape(name, args.seq_len)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
         config, vocab = Config(), model.config.vocab_size
         config.model = model.config
         config.evaluation.metrics = args.measure or list(evaluation.MEASUREMENTS)
@@ -404,7 +417,8 @@ def bench_checkpoint(args, device: torch.device):
             config.evaluation.paloma.dataset_name = str(Path(tmp) / "eval" / "data")
             shards = data.open_dataset(str(Path(tmp) / "train" / "data"), args.seq_len + 1, vocab)
             eval_sets = data.EvalSets(args.seq_len + 1, vocab)
-            measures = evaluation.Evaluation(evaluation.Start(config, shards, eval_sets, {}), Path(tmp)).measures
+            evaluated = evaluation.Evaluation(evaluation.Start(config, shards, eval_sets, {}), Path(tmp))
+            measures = list(zip(evaluated.names, evaluated.measures))
             val = evaluation.evaluation_set(evaluation.Start(config, shards, eval_sets, {}))
             at = evaluation.At(1000, config, device, autocast)
 
@@ -416,7 +430,7 @@ def bench_checkpoint(args, device: torch.device):
                 optimizer.zero_grad(set_to_none=True)
             for _ in range(args.warmup):
                 train_step()
-            for measure, rows in measures if device.type == "cuda" else []:  # kernels' first launches: once a run
+            for _, (measure, rows) in measures if device.type == "cuda" else []:  # kernels' first launches
                 measure(model, rows, at)
             step_s = statistics.median(seconds(train_step) for _ in range(args.rounds))
             captures = {}
@@ -428,8 +442,8 @@ def bench_checkpoint(args, device: torch.device):
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1.0)
             costs["save"] = (seconds(lambda: checkpoint.save_checkpoint(
                 Path(tmp) / "checkpoints", 1000, model, optimizer, scheduler, 0, learning_dynamics=captures)), False)
-            costs.update({measure.__name__: (seconds(lambda: measure(model, rows, at)), False)
-                          for measure, rows in measures})
+            costs.update({measured: (seconds(lambda: measure(model, rows, at)), False)
+                          for measured, (measure, rows) in measures})
         scale = suite_rows / args.batch_size
         costs["all"] = (sum(s for s, _ in costs.values()), False)
         suite_all = sum(s * (scale if grows else 1) for part, (s, grows) in costs.items() if part != "all")
@@ -462,7 +476,7 @@ def bench_peak_memory(args):
 def peak_memory_of(work: str, args):
     """bench_peak_memory's measurement, in this process: prints the peak before and after (bytes)."""
     torch.manual_seed(0)
-    model = PicoDecoder(ModelConfig(**SUITE[args.model], max_seq_len=args.seq_len))
+    model = PicoDecoder(shape(args.model, args.seq_len))
     optimizer = torch.optim.AdamW(model.parameters())
     rows = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1))
     pico_loss(model, rows).backward()  # gradients and AdamW's state exist, as in a run
@@ -873,7 +887,9 @@ def bench_train(args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=SUITE, nargs="+", default=["tiny"], help="several with --train")
+    parser.add_argument("--model", choices=[*SUITE, "demo"], nargs="+", default=["tiny"],
+                        help="several with --train, --measure and --peak-memory; demo: configs/local.py's "
+                             "model, for the comparison and --measure")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int,
                         help="tokens per row; default 256, with --train on CUDA the suite's 2048")
@@ -943,7 +959,6 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls outside autocast
-    transformers.logging.set_verbosity_error()
     configs = ([(m, c) for m in ("tiny", "small") for c in (False, True)] if args.all
                else [(args.model, args.compile)])
     rows = [bench(name, use_compile, args, device) for name, use_compile in configs]

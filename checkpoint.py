@@ -65,8 +65,9 @@ def describe_error(e: Exception) -> str:
 # The weights and config.json: the Hugging Face Llama export, or pico's own format ------------
 
 def _hf_names(n_layers: int) -> dict[str, str]:
-    """Our parameter name -> transformers' LlamaForCausalLM name: the export's map. A model variant
-    that the export should cover adds its modules here (and its config fields to HF_FIELDS)."""
+    """Our parameter name -> transformers' LlamaForCausalLM name: the export's map. A variant that
+    Llama computes with other names is a line here; one that Llama cannot compute needs another
+    architecture (beyond_llama, hf_config, model_config and read_weights with it; README)."""
     per_layer = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm",
                  **{f"attention.{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
                  "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj", "swiglu.w_2": "mlp.down_proj"}

@@ -8,7 +8,8 @@ the published pico-decoder suite and pico-analyze finds the layers it looks for.
 A model variant lives here alone: its class beside the others and a ModelConfig field that picks
 it. The rest of the trainer reads the model's own module names, tensor shapes and fields. A field
 at a value other than its default is one transformers' Llama cannot express, and the checkpoints
-are then saved in pico's own format (checkpoint.export_hf) unless checkpoint.py's name map learns it.
+are then saved in pico's own format (checkpoint.export_hf); an export to another transformers
+architecture is checkpoint.py's to learn (README, the fork paragraph).
 """
 
 import math

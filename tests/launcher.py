@@ -4,7 +4,8 @@ Most of an end-to-end test's time on 2 CPU cores went to importing torch, numpy 
 in every `python train.py` it started. Here a server process imports them once, and each run is a
 fork of it that then runs the script as `__main__`, with its own arguments, working directory,
 environment and standard streams, and exits the way Python does (threads joined, atexit run,
-status as `python` gives it, -N when killed by signal N). The server imports none of pico's
+status as `python` gives it, -N when killed by signal N), less the teardown of its modules (see
+`become`). The server imports none of pico's
 modules, nor huggingface_hub, which reads its settings from the environment at import: each run
 imports those itself, after its environment is set, as a fresh process would.
 
@@ -76,7 +77,12 @@ def serve(channel: socket.socket) -> dict | None:
 
 
 def become(request: dict):
-    """This forked process, made what `python [-u] SCRIPT ARGS` in request["cwd"] would start."""
+    """This forked process, made what `python [-u] SCRIPT ARGS` in request["cwd"] would start, and
+    ended as Python ends one: non-daemon threads joined, atexit's functions run, the streams
+    flushed, the status Python would give. Then os._exit: Python's own teardown of every module
+    would follow, which in a fork of the server copies most of its memory page by page (0.8 s a
+    run); what it could change, a daemon thread dying during it, tests/test_stop.py also runs in
+    plain processes."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -85,7 +91,30 @@ def become(request: dict):
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     if request["unbuffered"]:
         sys.stdout.reconfigure(line_buffering=True, write_through=True)
-    runpy.run_path(script, run_name="__main__")
+    interrupted = False
+    try:
+        runpy.run_path(script, run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException as e:  # as the interpreter reports an uncaught exception
+        sys.excepthook(type(e), e, e.__traceback__)
+        status, interrupted = 1, isinstance(e, KeyboardInterrupt)
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, as Python ignores it at exit
+            pass
+    if interrupted:  # Python ends an uncaught Ctrl-C by SIGINT itself: status -2
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status & 0xFF)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ import config as pico_config
 from test_evaluation import eval_args, write_eval_set
 from test_train import assert_same_run, run
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("behaviour")
+
 BEHAVIOUR = ["--evaluation.metrics=['paloma', 'induction', 'attention']", "--evaluation.induction.sequences=5",
              "--evaluation.induction.batch_size=2", "--evaluation.attention.rows=3"]
 LENGTHS = [33, 20, 33, 9, 33]  # evaluation rows: some shorter than the model's 32 positions

@@ -10,6 +10,9 @@ import torch
 
 import bench
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("bench")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,57 +28,53 @@ def table_rows(output: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work():
+@pytest.fixture(scope="module")
+def train_mode():
+    """bench.py --train in one run: tiny at 32 tokens, two attention backends by two micro-batches
+    by two DDP graphs: of the 8 variants, the math backend's in micro-batches of 4 run (under
+    either graph) and the others say why they cannot."""
     # One thread: on a busy machine a team of threads spends its time waiting for its last member.
     result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
                              "--val-rows", "16",  # one row per GPU's share: the checkpoint's work, shortly
-                             "--micro-batch", "2", "--rounds", "3", "--warmup", "1"],
+                             "--attention", "math", "cudnn", "--micro-batch", "4", "3",
+                             "--ddp-graph", "per-bucket", "one", "--rounds", "3", "--warmup", "1"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert "Machine: " in result.stdout
-    [timing] = table_rows(result.stdout, "| model | step |")
-    assert timing[:2] == ["tiny", "4 x 2 x 32"]  # the config file's 4 micro-steps
+    return result.stdout
+
+
+def test_train_mode_times_the_trainers_step_and_splits_it_by_kind_of_work(train_mode):
+    assert "Machine: " in train_mode
+    timing = table_rows(train_mode, "| model | step |")[0]
+    assert timing[:2] == ["tiny (math)", "2 x 4 x 32"]  # the config file's 4 micro-steps of 2 rows, in 2 of 4
     assert float(timing[3].replace(",", "")) > 0  # tokens/s
     assert timing[4] == "n/a"  # no MFU without a GPU's peak
     assert timing[5].endswith("GB RSS")
     assert float(timing[7].rstrip("%")) > 0  # captures + evaluation / 1,000 steps
-    [shares] = table_rows(result.stdout, "| model | communication |")
-    assert shares[0] == "tiny" and len(shares) == len(bench.KERNEL_CLASSES) + 3
+    shares = table_rows(train_mode, "| model | communication |")[0]
+    assert shares[0] == "tiny (math)" and len(shares) == len(bench.KERNEL_CLASSES) + 3
     percents = [float(cell.rstrip("%")) for cell in shares[1:]]
     assert percents[list(bench.KERNEL_CLASSES).index("matmul")] > 0
     assert sum(percents) == pytest.approx(100, abs=3)  # one thread's ops and the gaps between them
 
 
-def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run():
-    result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
-                             "--val-rows", "16",
-                             "--micro-batch", "2", "--rounds", "1", "--warmup", "1",
-                             "--attention", "default", "math", "cudnn"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
-    default, math, cudnn = table_rows(result.stdout, "| model | step |")
-    assert default[0] == "tiny" and math[0] == "tiny (math)" and cudnn[0] == "tiny (cudnn)"
-    assert float(math[3].replace(",", "")) > 0
-    assert cudnn[1].startswith("not run: ")  # no cuDNN on a CPU: the row says so, the others run
+def test_train_mode_times_each_attention_backend_and_names_one_that_cannot_run(train_mode):
+    rows = {}
+    for row in table_rows(train_mode, "| model | step |"):
+        rows.setdefault(row[0], row)  # each backend's first variant
+    assert float(rows["tiny (math)"][3].replace(",", "")) > 0
+    assert rows["tiny (cudnn)"][1].startswith("not run: ")  # no cuDNN on a CPU: the row says so, the others run
 
 
-def test_train_mode_times_each_micro_batch_and_ddp_graph_in_one_run_with_the_same_rows_per_step():
-    result = subprocess.run([sys.executable, "bench.py", "--train", "--model", "tiny", "--seq-len", "32",
-                             "--val-rows", "16",
-                             "--micro-batch", "4", "3", "--rounds", "1", "--warmup", "1",
-                             "--ddp-graph", "per-bucket", "one", "per-block"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
-    rows = table_rows(result.stdout, "| model | step |")
+def test_train_mode_times_each_micro_batch_and_ddp_graph_in_one_run_with_the_same_rows_per_step(train_mode):
+    labels = ["tiny (math)", "tiny (math, one graph)"]
+    rows = [row for row in table_rows(train_mode, "| model | step |") if row[0] in labels]
     # The same 8 rows per step (the config's 4 micro-steps of 2 on a CPU) in 2 micro-steps of 4.
-    labels = ["tiny", "tiny (one graph)", "tiny (per-block graph)"]
-    assert [row[:2] for row in rows[:3]] == [[label, "2 x 4 x 32"] for label in labels]
-    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:3])
-    assert rows[3][:2] == ["tiny", "not run: 8 rows per step are no whole number of micro-batches of 3"]
-    assert [row[0] for row in rows[3:]] == labels and all(row[1].startswith("not run: ") for row in rows[3:])
+    assert [row[:2] for row in rows[:2]] == [[label, "2 x 4 x 32"] for label in labels]
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:2])
+    assert rows[2][:2] == ["tiny (math)", "not run: 8 rows per step are no whole number of micro-batches of 3"]
+    assert rows[3][0] == "tiny (math, one graph)" and rows[3][1].startswith("not run: ")
 
 
 def test_only_train_mode_takes_several_micro_batches():

@@ -13,6 +13,9 @@ import torch
 import data
 import launcher
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("data")
+
 VOCAB = 1000  # more ids than rows, so a row's first token can be its global position
 ROW_LEN = 9  # max_seq_len 8, plus the token the last position predicts
 # Three shards of 16 rows in row groups of unequal sizes: 48 rows in all.

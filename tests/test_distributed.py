@@ -29,6 +29,9 @@ from test_probe import PROBE
 from test_tasks import BYTES, CHOICE, PAIRS, task_args, write_task
 from test_train import ROOT, SEQ, TINY, VOCAB, final_weights, losses, optimizer_state, run, snapshot
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("distributed")
+
 STEPS = 6
 # Global batch 8 = 2 processes x 2 micro-steps x 2 rows: accumulation under DDP and FSDP too.
 TWO = ["--training.optimization.gradient_accumulation_steps=2"]

@@ -18,6 +18,9 @@ from model import ModelConfig, PicoDecoder
 from test_evaluation import write_eval_set
 from test_train import ROOT, TINY, losses, optimizer_state, run
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("learning_dynamics")
+
 SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 
 

@@ -26,8 +26,9 @@ import data
 from test_distributed import assert_same_losses, assert_same_weights, children, only_rank_0_writes
 from test_train import ROOT, SEQ, TINY, VOCAB, assert_same_run, losses, run
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
-                                reason="finds the workers through /proc")
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = [pytest.mark.xdist_group("restarts"),
+              pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")]
 
 STEPS = 24
 LONGER = [f"--training.max_steps={STEPS}", "--data.dataloader.batch_size=16"]  # checkpoints 0, 1, 2, 4, 8, ...

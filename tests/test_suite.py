@@ -14,6 +14,9 @@ import test_hub
 import test_train
 from test_data import LAYOUT, N_ROWS, ROW_LEN, VOCAB, write_dataset
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("suite")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -20,6 +20,9 @@ from data import DataError
 from model import ModelConfig, PicoDecoder
 from test_train import run
 
+# One worker runs this file: its tests share runs made once (a module fixture)
+pytestmark = pytest.mark.xdist_group("tasks")
+
 # The byte tokenizer, whose ids the tiny model's 257 cover; the tiny shards' ids are all below 64
 BYTES = ["--data.tokenizer.name=bytes", "--data.tokenizer.vocab_size=257", "--model.vocab_size=257"]
 PAIRS = {  # BLiMP's columns, two of its groupings
