@@ -467,7 +467,11 @@ def bench_peak_memory(args):
         for work, rows in (("evaluation", 16), ("training micro-batch", args.batch_size)):
             result = subprocess.run([sys.executable, __file__, "--peak-memory-of", work, "--model", name,
                                      "--seq-len", str(args.seq_len), "--batch-size", str(rows)],
-                                    capture_output=True, text=True, check=True)
+                                    capture_output=True, text=True)
+            if result.returncode != 0:  # -9: the kernel's OOM killer, most often
+                why = f"exited {result.returncode}" + (" (out of memory?)" if result.returncode == -9 else "")
+                print(f"| {name} | {work} | {rows} | | {why} | |", flush=True)
+                continue
             before, peak = map(int, result.stdout.split())
             print(f"| {name} | {work} | {rows} | {before / 1e9:.2f} GB | {peak / 1e9:.2f} GB | "
                   f"{(peak - before) / 1e9:.2f} GB |", flush=True)
@@ -479,7 +483,7 @@ def peak_memory_of(work: str, args):
     model = PicoDecoder(shape(args.model, args.seq_len))
     optimizer = torch.optim.AdamW(model.parameters())
     rows = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1))
-    pico_loss(model, rows).backward()  # gradients and AdamW's state exist, as in a run
+    pico_loss(model, rows[:1]).backward()  # gradients and AdamW's state exist, as in a run
     optimizer.step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if work == "evaluation":

@@ -246,26 +246,28 @@ class FusedCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         scale = valid / valid.sum() if mean else valid.float()  # each token's share of the loss
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_h, grad_weight = torch.empty_like(h), None
         for i in range(0, len(h), rows):
             h_i, target, share = h[i:i + rows], targets[i:i + rows].clamp(min=0)[:, None], scale[i:i + rows, None]
             logits = F.linear(h_i, weight)  # bf16 under autocast, as the model's other products
             z = logits.float()  # float32 for the softmax: bf16 would round the loss the model is graded on
-            logsumexp = z.logsumexp(dim=-1, keepdim=True)
-            total += ((logsumexp - z.gather(1, target)) * share).sum()
-            grad = z.sub_(logsumexp).exp_().scatter_add_(1, target, -torch.ones_like(share)).mul_(share)
-            grad = grad.to(logits.dtype)
+            # The softmax in z's own memory, a pass or two at a time (logsumexp would copy it whole)
+            target_logit, largest = z.gather(1, target), z.amax(dim=-1, keepdim=True)
+            exp = z.sub_(largest).exp_()
+            exp_sum = exp.sum(dim=-1, keepdim=True)
+            total += ((exp_sum.log() + largest - target_logit) * share).sum()
+            grad = exp.mul_(share / exp_sum).scatter_add_(1, target, -share).to(logits.dtype)
             grad_h[i:i + rows] = grad @ weight
-            grad_weight += grad.t() @ h_i
+            product = (grad.t() @ h_i).float()  # summed over the chunks in float32
+            grad_weight = product if grad_weight is None else grad_weight.add_(product)
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
+        grad_h, grad_weight = ctx.saved_tensors  # this function's own: scaled in place
+        return grad_h.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None
 
 
 class PicoDecoder(nn.Module):
