@@ -1,10 +1,12 @@
 """Is this working tree's run the same run, bit for bit, as the one a commit trains?
 
-    python tests/same_run.py 569942f [--steps 30] [--keep DIR]
+    python tests/same_run.py 569942f [--steps 30] [--keep DIR] [--new=--key=value ...]
 
-Trains configs/local.py for --steps steps (a checkpoint every steps / 2, a log line every step)
-twice, sequentially: once with the commit's code (from `git archive`, in a temporary directory) and
-once with this working tree's, each into its own runs directory. Then compares what each run
+Trains the commit's configs/local.py for --steps steps (a checkpoint every steps / 2, a log line
+every step) twice, sequentially: once with the commit's code (from `git archive`, in a temporary
+directory) and once with this working tree's, each into its own runs directory. Both read the
+commit's config, so what differs is the code; --new gives the new run overrides of its own, for a
+key whose meaning the new code changed (a measurement that must now be named to be on). Then compares what each run
 wrote: every value of every training record of metrics.jsonl (loss, lr, grad_norm, tokens_seen;
 not the timings; keys only the new run records are listed), every evaluation record and
 eval_results file, the same checkpoint steps, and in each checkpoint
@@ -31,10 +33,10 @@ TIMINGS = {"tokens_per_s", "mfu"}  # differ from run to run by nature
 UNSEEDED = ("rng.python", "rng.numpy")
 
 
-def train(code: Path, runs: Path, steps: int):
-    command = [sys.executable, str(code / "train.py"), str(code / "configs" / "local.py"),
+def train(code: Path, config: Path, runs: Path, steps: int, overrides: list[str]):
+    command = [sys.executable, str(code / "train.py"), str(config),
                f"--training.max_steps={steps}", f"--checkpointing.save_every_n_steps={max(1, steps // 2)}",
-               "--monitoring.logging.log_every_n_steps=1", f"--checkpointing.runs_dir={runs}"]
+               "--monitoring.logging.log_every_n_steps=1", f"--checkpointing.runs_dir={runs}", *overrides]
     print(f"training with {code} ...", flush=True)
     subprocess.run(command, cwd=code, check=True, stdout=subprocess.DEVNULL)
 
@@ -71,15 +73,34 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def relative(a, b) -> float:
+    """How far b is from a: the largest difference over the largest magnitude of a (inf where
+    they differ in kind, shape or anything not a number)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.is_floating_point():
+        scale = a.double().abs().max().item() if a.numel() else 0.0
+        difference = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        return difference / scale if scale else (0.0 if difference == 0 else float("inf"))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) / abs(a) if a else (0.0 if a == b else float("inf"))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return max([relative(x, y) for x, y in zip(a, b)], default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return max([relative(a[k], b[k]) for k in a], default=0.0)
+    return float("inf")
+
+
 def compare(name: str, a: dict, b: dict, differences: list[str], added: set):
-    """a: the reference's entries, each of which b must hold, the same; b's others go to `added`."""
+    """a: the reference's entries, each of which b must hold, the same; b's others go to `added`.
+    Where some differ, the largest relative difference among them is said."""
     keys = [key for key in sorted(a) if not key.startswith(UNSEEDED)]
     missing = [key for key in keys if key not in b]
     differ = [key for key in keys if key in b and not same(a[key], b[key])]
     added.update(f"{name.split('/', 1)[-1]}: {key}" for key in b.keys() - a.keys())
     if missing or differ:
+        largest = max((relative(a[key], b[key]) for key in differ), default=0.0)
         differences.append(f"{name}: {len(differ)} of {len(keys)} entries differ ({', '.join(differ[:3])}"
-                           f"{', ...' if len(differ) > 3 else ''}); {len(missing)} missing in the new run")
+                           f"{', ...' if len(differ) > 3 else ''}; by {largest:.1e} at most, relatively); "
+                           f"{len(missing)} missing in the new run" + (f" ({', '.join(missing[:3])})" if missing else ""))
 
 
 def main(argv=None) -> int:
@@ -88,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--keep", help="a directory to keep both runs in (default: a temporary one)")
     parser.add_argument("--compare-only", action="store_true", help="compare the runs already in --keep")
+    parser.add_argument("--new", action="append", default=[], help="an override for the new run only")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="same-run-"))
     if not args.compare_only:
@@ -95,8 +117,9 @@ def main(argv=None) -> int:
         reference.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "archive", args.commit], cwd=ROOT, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(reference)], input=archive.stdout, check=True)
-        train(reference, work / "reference-runs", args.steps)
-        train(ROOT, work / "new-runs", args.steps)
+        config = reference / "configs" / "local.py"
+        train(reference, config, work / "reference-runs", args.steps, [])
+        train(ROOT, config, work / "new-runs", args.steps, args.new)
 
     a, b = work / "reference-runs" / "local", work / "new-runs" / "local"
     differences: list[str] = []
@@ -107,8 +130,14 @@ def main(argv=None) -> int:
     known = {key for record in old for key in record} - {"step"}
     added = {key for record in new if not record.keys() & known for key in record}  # the probe's records
     new = [record for record in new if record.keys() & known]
-    if len(old) != len(new) or any(r.get(key) != value for o, r in zip(old, new) for key, value in o.items()):
-        differences.append("metrics.jsonl: the records differ (beyond tokens_per_s and mfu)")
+    if len(old) != len(new):
+        differences.append(f"metrics.jsonl: {len(old)} records against {len(new)}")
+    elif unequal := [(o["step"], key, relative(value, r.get(key))) for o, r in zip(old, new)
+                     for key, value in o.items() if r.get(key) != value]:
+        step, key, largest = max(unequal, key=lambda u: u[2])
+        first_step, first_key, _ = unequal[0]
+        differences.append(f"metrics.jsonl: {len(unequal)} values differ (beyond tokens_per_s and mfu), the first "
+                           f"{first_key} at step {first_step}; by {largest:.1e} at most, relatively ({key} at step {step})")
     added.update(key for o, r in zip(old, new) for key in r.keys() - o.keys())
     added.discard("step")
     for results in sorted({p.name for p in (a / "eval_results").glob("*.json")} |
