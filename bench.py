@@ -48,7 +48,7 @@ at the config's defaults, each as a share of the 1,000 training steps between tw
 --batch-size rows, and of the suite's 1,024 (the step and its batch's captures scaled by rows).
 Random tokens; --val-rows rows in the evaluation set; tasks: the demo's builtin:python-syntax, byte
 by byte. --seq-len 2048, the suite's, sizes induction's halves (256 tokens) and attention
-entropy's rows as the suite has them. The README's table ("What the measurements cost") comes
+entropy's rows as the suite has them. docs/measurements.md's table ("What the measurements cost") comes
 from it.
 
     python bench.py --peak-memory [--model small] [--seq-len 2048] [--batch-size 16]

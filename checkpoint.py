@@ -8,7 +8,8 @@ A checkpoint is a directory, checkpoints/step_N/, holding:
   optimizer/                       AdamW's state by parameter name, in torch.distributed.checkpoint's
                                    format: one file per rank that saved it, readable at any
                                    world size, by one process, DDP or FSDP; resume needs it
-  training_state.pt                step, data position, scheduler and every RNG state
+  training_state.pt                step, data position, scheduler, rank 0's RNG states, and
+                                   what the run carries on with (restore_checkpoint)
   learning_dynamics/               {train,val}_{activations,weights,gradients}.pt for pico-analyze,
                                    and train_data/: the train rows, as datasets' save_to_disk writes
   checkpoint.json                  the manifest, written last: each file's size and crc32
@@ -18,6 +19,10 @@ It is written to a hidden temporary directory and renamed into place, and only t
 leaves `latest` pointing at a complete checkpoint; a half-written one is a stray temporary.
 Rank 0 writes every shared file; a single process is rank 0 of a world of 1. The run's other
 records (metrics.jsonl, logs, uploads) are records.py's.
+
+Core, on the reading path (README): this opening, save_checkpoint, read_checkpoint and
+restore_checkpoint (exact resume), learning_dynamics and _capture (the captures). The rest is
+machinery: the Hugging Face export and loading any format back, the manifest and `latest`.
 """
 
 import contextlib
@@ -67,7 +72,7 @@ def describe_error(e: Exception) -> str:
 def _hf_names(n_layers: int) -> dict[str, str]:
     """Our parameter name -> transformers' LlamaForCausalLM name: the export's map. A variant that
     Llama computes with other names is a line here; one that Llama cannot compute needs another
-    architecture (beyond_llama, hf_config, model_config and read_weights with it; README)."""
+    architecture (beyond_llama, hf_config, model_config and read_weights with it; docs/forking.md)."""
     per_layer = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm",
                  **{f"attention.{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
                  "swiglu.w_0": "mlp.gate_proj", "swiglu.w_1": "mlp.up_proj", "swiglu.w_2": "mlp.down_proj"}
@@ -647,7 +652,25 @@ def read_checkpoint(directory: Path, config: ModelConfig) -> dict:
 
 def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimizer, scheduler):
     """Apply read_checkpoint's state (its weights are in the model already, loaded before DDP or
-    FSDP wrapped it); each rank reads its part of the optimizer state, resharded to this world."""
+    FSDP wrapped it); each rank reads its part of the optimizer state, resharded to this world.
+
+    What an exact resume needs, and where each part comes from:
+      the step              training_state.pt's "step" (train.open_run: the run's start_step)
+      the weights           model.safetensors, read whole by read_checkpoint, loaded by train.build
+      AdamW's moments       optimizer/, here
+      the learning rate     a function of the step (train.lr_lambda): the scheduler's state is
+                            restored here, then train.build sets the lr from the config's schedule
+      the data position     a function of the step (data.rank_rows); training_state.pt's
+                            "data_position" is written for readers (pico-train has it), never read
+      random numbers        training draws none (the data order and the evaluation's rows are
+                            seeded, the initialisation is overwritten); the states are restored
+                            here for a fork that adds some, rank 0's on every rank
+      the monitoring        training_state.pt's "run_state": the loss-spike window
+                            (train.LossSpikes) and the probe's rows (evaluation.py)
+      the records           records.Records drops metrics.jsonl's records after the step;
+                            evaluation.Evaluation skips the measurements already written
+      the same config       config.check_resume_compatible refuses another model or batch, and
+                            names the schedule keys that changed"""
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # the layout to read into
     try:
         _dcp(dcp.load, optimizer_state, directory / "optimizer")

@@ -4,6 +4,9 @@ batch 1024 x 2048 tokens, AdamW 3e-4, 2,500 warm-up steps, linear decay to 0 at 
 A Python config file (`model.d_model = 96`), a pico-train YAML (`model: {d_model: 96}`) and the
 command line (`--model.d_model=96`) all set keys through one walker, `set_key`. A field's type
 says what it accepts, checked by one generic check; `validate()` relates several keys.
+
+Machinery for every file, and the reference of every key: the comment beside each field says
+what it does (docs/config.md gathers them in a table).
 """
 
 import ast
@@ -31,7 +34,7 @@ Positive, NonNegative = Annotated[int, "positive"], Annotated[int, "non-negative
 PositiveFloat, NonNegativeFloat = Annotated[float, "positive"], Annotated[float, "non-negative"]
 
 
-# Each section is a dataclass with slots, so a misspelled field is an error (README: every field).
+# Each section is a dataclass with slots, so a misspelled field is an error (docs/config.md: every field).
 @dataclass(slots=True)
 class DatasetConfig:
     name: str = "pico-lm/pretokenized-dolma"  # a Hub repo[@revision], a directory, "builtin:stdlib-bytes"
@@ -114,7 +117,7 @@ class LearningDynamicsCheckpointingConfig:
     # val_*.pt on this fixed set (a Hub repo's val split, a directory...); None: none, as pico-train
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
     # Its first N rows; None: all of them, as pico-train captures. A bound makes each checkpoint's
-    # captures cheaper where they would cost much of the training (the demo's: README, "Two commands")
+    # captures cheaper where they would cost much of the training (the demo's: README, "The demo")
     eval_rows: Positive | None = None
 
 
@@ -180,7 +183,7 @@ class AttentionEvaluationConfig:
 class TasksEvaluationConfig:
     # With "tasks" in evaluation.metrics: each a Hub dataset repo (namespace/name[@revision]), a local
     # directory of Parquet files or "builtin:python-syntax" (minimal pairs from the embedded corpus's
-    # held-out rows). The kind of task follows from its columns (see evaluation.py and README)
+    # held-out rows). The kind of task follows from its columns (see evaluation.py and docs/measurements.md)
     names: list[str] = field(default_factory=list)
     # The files of one split: a folder of that name or files named split-* (data.in_split); None: all
     split: str | None = None
@@ -194,8 +197,8 @@ class EvaluationConfig:
     # (perplexity, loss by position and the in-context learning score), "probe" (the training probe
     # and memorization), "induction" (induction heads), "attention" (attention entropy), "tasks"
     # (evaluation.tasks: minimal pairs and multiple choice, each item's result kept). All but tasks
-    # are on by default: each under 0.02% of the 1,000 suite steps between two checkpoints (README,
-    # "What the measurements cost"); tasks need a dataset chosen
+    # are on by default: each under 0.02% of the 1,000 suite steps between two checkpoints (docs/
+    # measurements.md, "What the measurements cost"); tasks need a dataset chosen
     metrics: list[str] | None = field(default_factory=lambda: ["paloma", "probe", "induction", "attention"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
@@ -247,11 +250,11 @@ class Config:
 
 # pico-train keys with no meaning here: a pico-train YAML that sets them gets one warning each.
 PICO_TRAIN_ONLY = {
-    "training.fabric": "has no meaning under torchrun (launch with torchrun; see README)",
+    "training.fabric": "has no meaning under torchrun (launch with torchrun; see docs/suite.md)",
     "model.model_type": "the pico-decoder is the only model",
     "model.batch_size": "the batch is data.dataloader.batch_size",
     **dict.fromkeys(["checkpointing.checkpoints_dir", "checkpointing.logs_dir", "checkpointing.evaluation",
-                     "checkpointing.learning_dynamics_dir"], "the run directory is fixed (see README)"),
+                     "checkpointing.learning_dynamics_dir"], "the run directory is fixed (see docs/run-directory.md)"),
     **dict.fromkeys(["checkpointing.fabric_checkpoint_dir", "checkpointing.fabric_checkpoint_filename"],
                     "checkpoints are plain PyTorch files"),
     **dict.fromkeys(["monitoring.save_to_picolabs", "monitoring.pico_report"],

@@ -14,6 +14,9 @@ The shards come from a local directory or a dataset repo on the Hugging Face Hub
 downloaded one at a time, the next in the background, at most a few kept on disk). Also here:
 the offline demo's embedded corpus (`python data.py prepare-local`), and `python data.py verify
 PATH_OR_REPO`, which checks every shard and counts rows and tokens.
+
+Core, on the reading path (README): this opening and rank_rows. The rest is machinery that
+serves them: reading shards (local, from the Hub), the evaluation sets, the demo's corpus.
 """
 
 import argparse
@@ -483,6 +486,11 @@ class BatchStream:
             del item
             if self.stop.is_set() or failed:
                 return
+
+    def peek(self) -> torch.Tensor:
+        """The next step's rows, left in place: at the start, the first step's (read in __init__)."""
+        with self.queue.mutex:
+            return self.queue.queue[0]
 
     def __next__(self) -> torch.Tensor:
         return self.get()

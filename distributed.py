@@ -5,6 +5,8 @@ and takes its block of each fixed set of rows (evaluation, probe, captures: `my_
 come back in data order by `gather_rows`, because the blocks in rank order are the rows in order.
 A lone `python train.py` is rank 0 of a world of 1, and every helper here is then a no-op, so the
 rest of the code never asks whether it runs distributed.
+
+Machinery for several processes (docs/distributed.md); train.parallelize lists where FSDP differs.
 """
 
 import datetime

@@ -20,6 +20,9 @@ bench.py --measure to time it): adding a measurement is a function and a line th
     attention    each head's attention entropy on the evaluation set's first rows
     tasks        minimal pairs and multiple choice (evaluation.tasks): each task's accuracy, overall
                  and per group, and each item's result
+
+Machinery: the measurements that train.Checkpoints runs on each checkpoint (docs/measurements.md
+says what each one means and costs).
 """
 
 import contextlib

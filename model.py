@@ -9,7 +9,10 @@ A model variant lives here alone: its class beside the others and a ModelConfig 
 it. The rest of the trainer reads the model's own module names, tensor shapes and fields. A field
 at a value other than its default is one transformers' Llama cannot express, and the checkpoints
 are then saved in pico's own format (checkpoint.export_hf); an export to another transformers
-architecture is checkpoint.py's to learn (README, the fork paragraph).
+architecture is checkpoint.py's to learn (docs/forking.md).
+
+Core, the first file of the reading path (README): ModelConfig to PicoDecoder.forward. Machinery
+for analysis and sampling: with_attention, residual_stream, KVCache and generate.
 """
 
 import math

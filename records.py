@@ -10,6 +10,8 @@
 
 Rank 0 writes them all. Also here: the plan logged before the first step, and the upload of each
 checkpoint to the Hub in a background thread.
+
+Machinery: what train.py writes beside its checkpoints (docs/run-directory.md).
 """
 
 import dataclasses

@@ -4,10 +4,13 @@
     torchrun --nproc_per_node=8 train.py configs/demo.py [...]     # DDP (or FSDP) on 8 GPUs
 
 Re-running the same command resumes from runs/RUN/checkpoints/latest; SIGTERM or Ctrl-C saves a
-checkpoint at the current step and exits 0. The config is config.py's; README.md has its reference.
+checkpoint at the current step and exits 0. The config is config.py's (docs/config.md: its table).
 
-Each rare path is a call into the file that owns it: distributed.py, checkpoint.py, evaluation.py
-(what is measured on each checkpoint) and records.py (metrics.jsonl, the log, the uploads).
+Core, on the reading path (README): main, train_step, clip_gradients, lr_lambda, then build.
+The rest is machinery that main calls, each rare path into the file that owns it: set-up and
+resume (setup, open_run, open_data), DDP and FSDP (parallelize), the asides around each step
+(Monitor), checkpoints (Checkpoints: checkpoint.py, evaluation.py, records.py), stop signals and
+lost ranks (distributed.py).
 """
 
 import collections
@@ -75,56 +78,42 @@ def main(argv: list[str]) -> int:
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, measures, ld_rows, finite, records)
     if env.rank == 0:
         log_plan(records.log, config, run.dir, model, progress.checkpoints, ld_rows, saver.tokenizer)
-    spikes, layer_stats = saver.spikes, LayerStats(model) if config.monitoring.logging.layer_stats else None
+    watch = Monitor(config, env, model, optimizer, progress, finite, saver)
     accum = config.training.optimization.gradient_accumulation_steps
-    log_every = config.monitoring.logging.log_every_n_steps
+    micro_batches = lambda rows: rows.to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
     try:
         if run.resumed_from is not None:  # a run may have stopped before evaluating or uploading it
             saver.evaluate_and_upload(run.start_step)
+        else:  # checkpoint 0: the initialisation, captured on the first step's batch
+            with progress.paused():
+                saver.save(0, micro_batches(batches.peek()))
         for step in range(run.start_step, max_steps):
-            # Fetch: this rank's rows of global batch `step`, split into micro-batches in order.
-            # (In one process a stop signal ends the wait; several keep in step through any_rank.)
+            # This rank's rows of global batch `step`. In one process a stop signal ends the wait
+            # (several keep in step through any_rank below); the first step's rows are already read.
             rows = batches.get(until=lambda: env.world_size == 1 and stop.received is not None)
-            # Never None at the run's first step (BatchStream read that batch before the run began),
-            # so `batch` here is the step before's
             if rows is None:  # stopped while waiting for data: the steps done are saved
-                saver.save(step, batch, evaluate=False)
+                saver.save(step, batch, evaluate=False)  # with the batch the last of them trained on
                 return stop.stopped(step, records.log)
-            batch = rows.to(env.device, non_blocking=True).view(accum, -1, seq_len + 1)
-            if step == 0 and run.resumed_from is None:
-                with progress.paused():
-                    saver.save(0, batch)  # the initialisation, captured on the first batch
 
-            loss = train_step(step_model, wrapper, batch, env.autocast)
-            if spikes and spikes.read():  # the step before's loss, read while this step's work runs
-                with progress.paused():
-                    saver.record_spike()
-            logging_step = (step + 1) % log_every == 0 or step + 1 == max_steps
-            before = layer_stats.before() if logging_step and layer_stats else None  # log steps only
-            grad_norm = clip_gradients(model, config.training.optimization.max_grad_norm, logging_step)
-            lr = optimizer.param_groups[0]["lr"]
+            # The step. Monitor's asides never make the device wait; the one inside the step comes
+            # where both this step's gradients and the weights before its update exist.
+            batch = micro_batches(rows)
+            loss = train_step(step_model, wrapper, batch, env.autocast)  # forward and backward
+            watch.before_update(step)  # aside: the step before's loss spike; layer statistics
+            grad_norm = clip_gradients(model, config.training.optimization.max_grad_norm, watch.logging)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1  # optimizer steps completed: the model is now "at step `done`"
+            watch.after_update(step + 1, loss, grad_norm, batch)  # aside: the finite check, the log
 
-            finite.watch(done, loss, grad_norm)  # on the device: the loop does not wait for it
-            if dist.is_initialized() and (logging_step or spikes):  # the mean over the global batch
-                dist.all_reduce(loss)
-                loss /= env.world_size
-            if spikes:
-                spikes.watch(done, loss, batch)
-            if logging_step:
-                finite.check()
-                progress.log(done, loss, lr, grad_norm, layer_stats.after(before) if layer_stats else {})
             # Checkpoint: on schedule, at the end, and when any rank was asked to stop (a
             # cluster's notice may reach the ranks at different steps; they agree here).
             stopping = distributed.any_rank(stop.received is not None, flags)
-            if is_checkpoint_step(done, config) or stopping:
+            if is_checkpoint_step(step + 1, config) or stopping:
                 with progress.paused():
-                    saver.save(done, batch, evaluate=not stopping)
+                    saver.save(step + 1, batch, evaluate=not stopping)
                 if stopping:  # no time to evaluate or upload now: the resumed run does it
-                    return stop.stopped(done, records.log)
+                    return stop.stopped(step + 1, records.log)
         # The ranks finish together, before rank 0 waits for its last uploads on its own (in a
         # collective the others could time out). A barrier holds no tensor: a group destroyed while
         # gloo's worker thread still frees the last collective's tensor can deadlock on the GIL.
@@ -349,10 +338,20 @@ def build(config: Config, env: Env, run: Run) -> tuple:
 
 def parallelize(model: PicoDecoder, config: Config, env: Env) -> tuple:
     """(the module each training step calls, its DDP or FSDP wrapper or None). DDP, the default,
-    keeps a whole replica per GPU (the suite's largest, with AdamW's state, is 9 GB) and is
-    compiled whole. FSDP2 shards weights, gradients and optimizer state as torchtitan does: each
-    block, then the output layer, then the root, each a unit gathered just before it runs; the
-    blocks compiled each on its own (compile_blocks), FSDP's hooks between them eager."""
+    keeps a whole replica per GPU and is compiled whole: with AdamW, 20 bytes a parameter (float32
+    weights, gradients, DDP's gradient buckets and two moments), 23.3 GB for xl, the suite's
+    largest (docs/suite.md). FSDP2 shards weights, gradients and optimizer state as torchtitan
+    does: each block, then the output layer, then the root, each a unit gathered just before it
+    runs; the blocks compiled each on its own (compile_blocks), FSDP's hooks between them eager.
+
+    Every place where FSDP differs from DDP: `setup` (torch must have fully_shard);
+    `distributed.start` (a process group even for one process); here; `train_step` (which
+    micro-step syncs gradients); `clip_gradients` (the norm of sharded gradients);
+    `LayerStats` (norms of shards, summed over ranks); `Checkpoints.whole_model` and
+    `distributed.whole_model` (an unsharded copy for the export, captures and measurements);
+    `checkpoint.save_checkpoint` and `restore_checkpoint` (each rank's optimizer shard, read back
+    at any world size); `model.OutputHead` (its own module, so its weight is gathered around the
+    chunked loss)."""
     strategy = config.training.distributed if dist.is_initialized() else None
     if strategy == "ddp":
         cuda = env.device.type == "cuda"
@@ -381,6 +380,45 @@ def compile_blocks(model: PicoDecoder):
     the output head with its chunked loss."""
     for module in [*model.layers, model.de_embedding_proj]:
         module.forward = torch.compile(module.forward)
+
+
+class Monitor:
+    """The asides around each step, none of which makes the device wait: the loss spike of the step
+    before (LossSpikes, every step), whether the loss and gradient norm stay finite (FiniteCheck),
+    and at logging steps the layer statistics (LayerStats) and the log (Progress)."""
+
+    def __init__(self, config: Config, env: Env, model: PicoDecoder, optimizer, progress: "Progress",
+                 finite: "FiniteCheck", saver: "Checkpoints"):
+        self.optimizer, self.progress, self.finite, self.saver = optimizer, progress, finite, saver
+        self.spikes, self.world_size = saver.spikes, env.world_size
+        self.layer_stats = LayerStats(model) if config.monitoring.logging.layer_stats else None
+        self.log_every, self.max_steps = config.monitoring.logging.log_every_n_steps, config.training.max_steps
+        self.logging, self.lr, self.before = False, None, None
+
+    def before_update(self, step: int):
+        """After step `step`'s backward, before its update: the device is busy with this step, so
+        the step before's loss is there to read; the weights are still those after the step
+        before, which a spike's captures need; and the gradients are not yet clipped."""
+        done = step + 1
+        self.logging = done % self.log_every == 0 or done == self.max_steps
+        if self.spikes and self.spikes.read():
+            with self.progress.paused():
+                self.saver.record_spike()
+        self.before = self.layer_stats.before() if self.logging and self.layer_stats else None
+        self.lr = self.optimizer.param_groups[0]["lr"]  # this step's: the scheduler steps after it
+
+    def after_update(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, batch: torch.Tensor):
+        """After the update: `done` optimizer steps are complete, the last trained on `batch`."""
+        self.finite.watch(done, loss, grad_norm)  # on the device: the loop does not wait for it
+        if dist.is_initialized() and (self.logging or self.spikes):  # the mean over the global batch
+            dist.all_reduce(loss)
+            loss /= self.world_size
+        if self.spikes:
+            self.spikes.watch(done, loss, batch)
+        if self.logging:
+            self.finite.check()
+            layers = self.layer_stats.after(self.before) if self.layer_stats else {}
+            self.progress.log(done, loss, self.lr, grad_norm, layers)
 
 
 class Progress:
