@@ -12,7 +12,8 @@ micro-step, with checkpoints at steps 0, 2 and 4. train.py runs three times, as 
 
 Then the resumed run must be the whole run bit for bit: the loss, lr and every other training
 record of each step, the evaluation of each checkpoint both have, and every file of checkpoint 4
-(training_state.pt's unseeded Python and NumPy generators aside). Last, checkpoint 4's export is
+(training_state.pt's unseeded Python and NumPy generators, and optimizer/.metadata, which holds a
+random id, aside). It runs on the CPU, where bit for bit holds (README, "Stop and resume"). Last, checkpoint 4's export is
 loaded back with PicoDecoder.from_pretrained, and with transformers where it is installed and the
 export is a Llama, and measured again: the perplexity the run recorded, the same logits. A line for
 each part, then one saying what passed; exit status 1 at the first part that fails. The runs are
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
               f"--checkpointing.save_every_n_steps={EVERY}", "--checkpointing.log_spaced_until=0",
               f"--checkpointing.runs_dir={runs}", "--checkpointing.save_to_hf=False",
               "--monitoring.save_to_wandb=False", "--monitoring.logging.log_every_n_steps=1"]
+    # On the CPU, where a resumed run is the same bit for bit (CUDA's kernels need training.deterministic)
+    overrides = ["--training.device=cpu", *overrides]
     command = [sys.executable, str(ROOT / "train.py"), config_path, *overrides, *shrink]
     config = load_config(config_path, overrides + shrink)
     started = time.perf_counter()

@@ -463,7 +463,7 @@ def _fsync(path: Path):
 
 
 def _crc32(path: Path) -> str:
-    """A fast checksum (several GB/s) that finds damaged bytes a file's size cannot."""
+    """A fast checksum (2 GB/s on the README's 2-core AMD EPYC) that finds damaged bytes a file's size cannot."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

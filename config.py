@@ -101,7 +101,7 @@ class TrainingCheckpointingConfig:
 @dataclass(slots=True)
 class HuggingFaceCheckpointingConfig:
     repo_id: str = ""  # with checkpointing.save_to_hf: each checkpoint goes to branch run_name here
-    collection_slug: str | None = None
+    collection_slug: str | None = None  # pico-train's; unread: pico adds no checkpoint to a collection
     upload_attempts: Positive = 5  # tries of a failed upload; then it waits for the next start
     upload_retry_delay: NonNegativeFloat = 10.0  # seconds before the second try, doubling after
     upload_optimizer: bool = False  # the optimizer and training state too, so the Hub copy resumes
@@ -112,12 +112,12 @@ class LearningDynamicsCheckpointingConfig:
     layer_suffixes: list[str] = field(default_factory=lambda: list(CAPTURED_BY_DEFAULT))  # model.py's names
     layers: list[int] | None = None  # None: every layer
     sequence_idx: int = -1  # the position whose activations are kept; -1: each row's last
-    batch_size: Positive = 8  # sub-batch of the capture's forward/backward; never changes the result
+    batch_size: Positive = 8  # sub-batch of the capture's forward/backward; the result within float32 rounding
     capture_train: bool = True  # train_*.pt: on the batch the checkpoint's last step trained on
     # val_*.pt on this fixed set (a Hub repo's val split, a directory...); None: none, as pico-train
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
     # Its first N rows; None: all of them, as pico-train captures. A bound makes each checkpoint's
-    # captures cheaper where they would cost much of the training (the demo's: README, "The demo")
+    # captures cheaper where they would cost much of the training (the demo's 64: configs/local.py says why)
     eval_rows: Positive | None = None
 
 
@@ -126,7 +126,7 @@ class CheckpointingConfig:
     run_name: str | None = None  # a directory in runs_dir; None: a new name from the time
     runs_dir: str = "runs"
     save_every_n_steps: Positive = 1000
-    log_spaced_until: NonNegative = 512  # Pythia's early checkpoints: steps 0, 1, 2, 4, ... up to it; 0: none
+    log_spaced_until: NonNegative = 512  # Pythia's early checkpoints: steps 0, 1, 2, 4, ... up to it; 0: step 0 only
     keep_last_n_optimizer_states: Positive | None = None  # optimizer state (2x model) in newest N; None: all
     save_to_hf: bool = False
     hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)

@@ -209,8 +209,8 @@ class PicoDecoderBlock(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
-# Float32 logits the loss holds at once: 2**26 (256 MB) is 1,334 tokens of a 50,304-token vocabulary,
-# and all 8,192 of the demo's batch of 257. Larger chunks keep the products efficient on a CPU too.
+# Float32 logits the loss holds at once: 2**26 (256 MiB) is 1,334 tokens at a 50,304-token vocabulary,
+# and all 8,192 tokens of the demo's batch (32 x 256) at its vocabulary of 257. Larger chunks keep the products efficient on a CPU too.
 LOGITS_PER_CHUNK = 2 ** 26
 
 

@@ -1,7 +1,8 @@
 """Generate from a checkpoint: python sample.py runs/local/checkpoints/latest --prompt "def "
 
 A byte-level model (vocabulary 257, the embedded corpus) takes and prints text; any other takes
-and prints token ids (--prompt "1 2 3"), since no tokenizer ships with a checkpoint.
+and prints token ids (--prompt "1 2 3"): sample.py runs no tokenizer (a checkpoint's tokenizer.json,
+where the run had data.tokenizer.name, is for transformers' AutoTokenizer).
 CHECKPOINT is anything PicoDecoder.from_pretrained reads: a run's checkpoint, a transformers
 Llama, pico-train's format, or a Hub repo id (NAME@REVISION).
 """

@@ -652,7 +652,11 @@ class LossSpikes:
     window. The first spike of each run is captured (Checkpoints.record_spike), up to max_captures.
     Each step's loss is copied to the host without waiting and read during the next step, so
     the device never idles for it. The state is saved with each checkpoint: a resumed run finds
-    the same spikes."""
+    the same spikes.
+
+    A spike's places: here the rule; Monitor.before_update reads it; Checkpoints.record_spike
+    records and captures it (checkpoint.learning_dynamics), records.save_spike writes spikes/step_N/;
+    Checkpoints.run_state saves the window; records.Records drops the spikes a resumed run replays."""
 
     def __init__(self, config, state: dict):
         self.std_devs, self.max_captures = config.std_devs, config.max_captures
@@ -688,7 +692,7 @@ class LossSpikes:
         if len(self.losses) < self.losses.maxlen:
             self.losses.append(loss)
             return False
-        window = np.array(self.losses)  # numpy's std: a fifth of the statistics module's time
+        window = np.array(self.losses)  # numpy's std: a fifth of the statistics module's time (2-core Xeon)
         mean, std = float(window.mean()), float(window.std())
         if loss <= mean + self.std_devs * std:
             self.losses.append(loss)
@@ -708,7 +712,12 @@ class LossSpikes:
 
 class StopSignals:
     """SIGTERM (a cluster's pre-emption notice) or SIGINT (Ctrl-C) asks the loop to save a
-    checkpoint after the current step and exit 0. A second Ctrl-C kills at once."""
+    checkpoint after the current step and exit 0. A second Ctrl-C kills at once.
+
+    A stop's places: here; main, which asks every rank (distributed.any_rank) after each step and
+    saves without evaluating, or saves the steps done when the wait for a batch ends
+    (data.BatchStream.get's `until`); the resumed run, which evaluates and uploads what the stop
+    skipped (Checkpoints.evaluate_and_upload); and `__main__`'s KeyboardInterrupt, outside the loop."""
 
     def __init__(self):
         self.received = None

@@ -5,5 +5,5 @@ model.d_model = 96
 model.activation_hidden_dim = 384
 checkpointing.run_name = "pico-decoder-tiny"
 # Four micro-steps keep a micro-batch at 16 x 2048 tokens per GPU on the suite's 16 GPUs; the
-# gradient is the same for any split.
+# gradient is the same for any split, up to float rounding.
 training.optimization.gradient_accumulation_steps = 4

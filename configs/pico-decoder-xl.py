@@ -6,7 +6,7 @@ model.d_model = 2304
 model.activation_hidden_dim = 9216
 checkpointing.run_name = "pico-decoder-xl"
 # Eight micro-steps keep a micro-batch at 8 x 2048 tokens per GPU on the suite's 16 GPUs: about
-# 58 GB per GPU under DDP (python bench.py --memory --model xl --seq-len 2048). On 40 GB GPUs,
-# keep only each block's input and recompute the rest in the backward (about 29 GB):
+# 54 GB per GPU under DDP (python bench.py --memory --model xl --seq-len 2048). On 40 GB GPUs,
+# keep only each block's input and recompute the rest in the backward (about 26 GB):
 #   training.activation_checkpointing = True
 training.optimization.gradient_accumulation_steps = 8

@@ -1,4 +1,5 @@
-"""Runs the repository's scripts as `python script.py args` does, but about 3 s sooner.
+"""Runs the repository's scripts as `python script.py args` does, but about 3 s sooner
+(on the README's 2-core AMD EPYC).
 
 Most of an end-to-end test's time on 2 CPU cores went to importing torch, numpy and pyarrow again
 in every `python train.py` it started. Here a server process imports them once, and each run is a
@@ -81,7 +82,7 @@ def become(request: dict):
     ended as Python ends one: non-daemon threads joined, atexit's functions run, the streams
     flushed, the status Python would give. Then os._exit: Python's own teardown of every module
     would follow, which in a fork of the server copies most of its memory page by page (0.8 s a
-    run); what it could change, a daemon thread dying during it, tests/test_stop.py also runs in
+    run on the 2-core AMD EPYC); what it could change, a daemon thread dying during it, tests/test_stop.py also runs in
     plain processes."""
     os.chdir(request["cwd"])
     os.environ.clear()
