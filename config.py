@@ -197,8 +197,9 @@ class EvaluationConfig:
     # (perplexity, loss by position and the in-context learning score), "probe" (the training probe
     # and memorization), "induction" (induction heads), "attention" (attention entropy), "tasks"
     # (evaluation.tasks: minimal pairs and multiple choice, each item's result kept). All but tasks
-    # are on by default: each under 0.02% of the 1,000 suite steps between two checkpoints (docs/
-    # measurements.md, "What the measurements cost"); tasks need a dataset chosen
+    # are on by default: each under 0.02% of the 1,000 suite steps between two checkpoints on 64 rows,
+    # paloma under 0.1% on a whole evaluation set of 1,000 (2-core AMD EPYC; docs/measurements.md,
+    # "What the measurements cost"); tasks need a dataset chosen
     metrics: list[str] | None = field(default_factory=lambda: ["paloma", "probe", "induction", "attention"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     probe: ProbeEvaluationConfig = field(default_factory=ProbeEvaluationConfig)
