@@ -36,6 +36,8 @@ from distributed import world
 
 UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
 CODE = ["*.py", "configs/*.py", "requirements*.txt"]  # the project's files copied into each run
+# The key of a branch's first record in metrics.jsonl (Records.branched)
+BRANCH_FROM = "branch_from"
 # The mark of a checkpoint's evaluation records in metrics.jsonl: a resumed run that evaluates its
 # checkpoint again drops them first, whatever their other keys.
 EVALUATION = "evaluation"
@@ -58,6 +60,7 @@ class Records:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         (run_dir / "training_config.yaml").write_text(resolved)
+        kept = []
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
             kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) < start_step
                     or _step_of(line) == start_step and (evaluated or not _is_evaluation(line))]
@@ -74,6 +77,19 @@ class Records:
             shutil.copy2(path, copy)
         if config.monitoring.save_to_wandb:
             self.wandb = self._start_wandb(config)
+        lineage = config.checkpointing.training.lineage
+        if lineage and not any(BRANCH_FROM in json.loads(line) for line in kept):  # once, at its first start
+            self.branched(lineage)
+
+    def branched(self, lineage: dict):
+        """A branch's first record, at the step where it starts (its lineage, as in
+        training_config.yaml's checkpointing.training.lineage): what a comparison of runs reads."""
+        step, changed = lineage["parent_step"], lineage["changed"]
+        self.write({"step": step, BRANCH_FROM: lineage["source"], "parent_run": lineage["parent_run"],
+                    "parent_step": step, "changed": list(changed)})
+        said = "; ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
+        self.log.info(f"branch of run {lineage['parent_run']} at step {step} ({lineage['source']}): "
+                      f"{'changed ' + said if said else 'nothing changed'}")
 
     def _start_wandb(self, config):
         """A wandb run with the run name's id, which a resumed run continues; or None, with a
