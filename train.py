@@ -314,7 +314,7 @@ def already_done(config: Config, run: Run, env: Env) -> int:
     if env.rank == 0:
         print(f"{run.dir}: already trained to step {run.start_step} (training.max_steps="
               f"{config.training.max_steps}); nothing to do")
-        if config.checkpointing.save_to_hf and read_uploads(run.dir)["pending"]:
+        if config.checkpointing.save_to_hf and ((left := read_uploads(run.dir))["pending"] or left["untagged"]):
             hub_uploader(config, run.dir, run_log(run.dir, config.monitoring.logging.log_level)).close()
     return 0
 
