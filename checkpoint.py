@@ -698,6 +698,9 @@ def branch_point(config, runs_dir: Path) -> Path:
                               f"{', '.join(step.name for step in steps)}")
     try:
         directory = local or locate_pretrained(source, files=CHECKPOINT_FILES)[0]
+        if not local and not (directory / MANIFEST).is_file():
+            raise CheckpointError(f"{source} holds no training state ({MANIFEST}, optimizer/, training_state.pt); "
+                                  f"expected a run uploaded with checkpointing.hf_checkpoint.upload_optimizer=True")
         step = check_complete(directory, checksums=False)["step"]
     except CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None

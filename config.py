@@ -8,6 +8,7 @@ says what it accepts, checked by one generic check; `validate()` relates several
 
 import ast
 import dataclasses
+import functools
 import math
 import sys
 import traceback
@@ -495,9 +496,14 @@ def saved_value(saved: dict, key: str):
     from before the key existed), the key's default, which that run had."""
     for part in key.split("."):
         if not isinstance(saved, dict) or part not in saved:
-            return flat(dataclasses.asdict(Config()))[key]
+            return _defaults()[key]
         saved = saved[part]
     return saved
+
+
+@functools.cache
+def _defaults() -> dict:
+    return flat(dataclasses.asdict(Config()))
 
 
 def read_run_config(path: Path, expected: str) -> dict:

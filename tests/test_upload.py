@@ -236,6 +236,19 @@ def test_a_branch_goes_on_from_a_checkpoint_on_the_hub_named_by_its_tag(tiny, hu
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_a_branch_from_a_hub_checkpoint_without_its_training_state_is_one_line(tiny, hub, tmp_path):
+    config = trainer.load_config(str(tiny), [])
+    (tmp_path / "weights").mkdir()  # what an upload without checkpointing.hf_checkpoint.upload_optimizer has
+    checkpoint.export_hf(PicoDecoder(config.model).state_dict(), config.model, tmp_path / "weights")
+    hub.add_repo(REPO, tmp_path / "weights", branch="run", repo_type="model")
+    with pytest.raises(trainer.ConfigError) as error:
+        trainer.main([str(tiny), f"--checkpointing.training.branch_from={REPO}@run"])
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and f"{REPO}@run holds no training state" in message
+    assert "checkpointing.hf_checkpoint.upload_optimizer=True" in message
+    assert not (tmp_path / "runs").exists()
+
+
 def test_commits_failing_do_not_stop_training_and_are_logged_once_per_checkpoint(tiny, hub):
     hub.fail_commits = 500
     result = train(tiny)
