@@ -69,7 +69,7 @@ Eager figures: compiled code keeps less around the float32 logits; allocator sla
 
     python bench.py --train [--model tiny small ... | --all-sizes] [--seq-len 2048]
                             [--attention default flash cudnn efficient math] [--micro-batch 16 32 ...]
-                            [--ddp-graph per-bucket one per-block]
+                            [--ddp-graph per-bucket one per-block] [--deterministic off on]
 
 The trainer's own training step: each size's config file (configs/pico-decoder-SIZE.py, with its
 micro-steps per optimizer step), set up by train.setup (compiled and bf16-mixed on CUDA), built by
@@ -80,7 +80,9 @@ the lr schedule. Random tokens. Rows per step: on CUDA the suite's per GPU (the 
 GPUs: 64 rows of 2048 tokens in 4 micro-steps, xl 8), on CPU 4 micro-steps of 2 rows of 256. Each
 size once per variant, so that the variants compare in one run: per --attention backend
 (torch.nn.attention.sdpa_kernel held around its every step, compilation included), per --micro-batch
-(the same rows per step in fewer, larger micro-steps), per --ddp-graph (DDP_GRAPHS). A variant that
+(the same rows per step in fewer, larger micro-steps), per --ddp-graph (DDP_GRAPHS), per --deterministic
+(training.deterministic off or on: train.deterministic_kernels; cuBLAS reads its workspace setting
+at its first call, so with "on" among them it is set for the whole run, both variants). A variant that
 cannot run (a backend that cannot run the shape, a micro-batch out of memory) is a row that says
 why. Each row is printed as it is measured, then the tables whole. Per size: tokens/s over --rounds
 consecutive steps after --warmup untimed, MFU as train.py logs it, peak memory (CUDA: allocated;
@@ -770,24 +772,29 @@ def checkpoint_work(config: Config, env: train.Env, model: PicoDecoder, rows: to
 
 
 def bench_train_size(name: str, args, attention: str = "default", micro_batch: int | None = None,
-                     graph: str = "per-bucket") -> tuple[str, str, train.Env]:
+                     graph: str = "per-bucket", deterministic: bool = False) -> tuple[str, str, train.Env]:
     """One size's row of each --train table, and its Env, in one variant: attention, an SDPA
     backend (SDPA_BACKENDS) that every step is held to, compilation included, or PyTorch's own
     choice; micro_batch, rows per micro-step (None: the suite's); graph, how torch.compile cuts
-    the DDP wrapper's graph (DDP_GRAPHS)."""
+    the DDP wrapper's graph (DDP_GRAPHS); deterministic, training.deterministic."""
     variant = [attention] if attention != "default" else []
     variant += [f"{graph} graph"] if graph != "per-bucket" else []
+    variant += ["deterministic"] if deterministic else []
     label = f"{name} ({', '.join(variant)})" if variant else name
     with contextlib.ExitStack() as held:
         if attention != "default":
             held.enter_context(sdpa_kernel(SDPA_BACKENDS[attention]))
         held.enter_context(torch._dynamo.config.patch(optimize_ddp=DDP_GRAPHS[graph]))
         try:
-            return measure_train_step(name, label, args, micro_batch, graph)
-        # "No available kernel": the backend cannot run the shape; out of memory; rows per step
+            return measure_train_step(name, label, args, micro_batch, graph, deterministic)
+        # "No available kernel": the backend cannot run the shape; out of memory; rows per step; an op
+        # without a deterministic kernel
         except (RuntimeError, ValueError) as e:
             cells = [label, f"not run: {why_not_run(e)[:100]}"]
             return "| " + " | ".join(cells + [""] * 6) + " |", "| " + label + " |", None
+        finally:
+            if deterministic:  # the next variant runs PyTorch's own kernels again
+                train.deterministic_kernels(torch.cuda.is_available(), on=False)
 
 
 def why_not_run(error: Exception) -> str:
@@ -798,10 +805,11 @@ def why_not_run(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def measure_train_step(name: str, label: str, args, micro_batch: int | None,
-                       graph: str) -> tuple[str, str, train.Env]:
+def measure_train_step(name: str, label: str, args, micro_batch: int | None, graph: str,
+                       deterministic: bool) -> tuple[str, str, train.Env]:
     cuda = torch.cuda.is_available()
     config = suite_config(name, args, cuda, micro_batch)
+    config.training.deterministic = deterministic  # train.setup applies it
     env = train.setup(config)
     if not dist.is_initialized():
         join_group_of_one(env)
@@ -853,9 +861,13 @@ def bench_train(args):
     sizes = list(SUITE) if args.all_sizes else args.model
     args.val_rows = args.val_rows or SUITE_EVAL_ROWS
     rows, breakdowns, env = [], [], None
-    variants = itertools.product(sizes, args.attention, args.micro_batch or [None], args.ddp_graph)
-    for name, attention, micro_batch, graph in variants:
-        row, breakdown, measured = bench_train_size(name, args, attention, micro_batch, graph)
+    deterministic = [switch == "on" for switch in args.deterministic]
+    if any(deterministic):  # cuBLAS's workspace setting, before its first call: for every variant
+        train.deterministic_kernels(torch.cuda.is_available())
+        train.deterministic_kernels(torch.cuda.is_available(), on=False)
+    variants = itertools.product(sizes, args.attention, args.micro_batch or [None], args.ddp_graph, deterministic)
+    for name, attention, micro_batch, graph, on in variants:
+        row, breakdown, measured = bench_train_size(name, args, attention, micro_batch, graph, on)
         print(row, flush=True)  # a run cut short by a time limit still shows what it measured
         rows.append(row)
         breakdowns.append(breakdown)
@@ -930,6 +942,8 @@ def main() -> None:
     parser.add_argument("--ddp-graph", nargs="+", choices=list(DDP_GRAPHS), default=["per-bucket"],
                         help="--train, compiled: the compiled DDP wrapper's graph per gradient bucket "
                              "(PyTorch's default) or one")
+    parser.add_argument("--deterministic", nargs="+", choices=["off", "on"], default=["off"],
+                        help="--train: without and with training.deterministic, each size with each")
     parser.add_argument("--train", action="store_true",
                         help="train.py's own step: tokens/s, MFU, memory, time by kind of work instead")
     parser.add_argument("--all-sizes", action="store_true", help="for --train: every size of the suite")

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import data
-from config import typed
+from config import ConfigError, branch_changes, read_run_config, saved_value, typed
 from distributed import barrier, gather_rows, lost_peer, my_rows, world
 from model import ModelConfig, PicoDecoder
 
@@ -253,10 +253,17 @@ def model_config(cfg: dict, source: str) -> ModelConfig:
     return config
 
 
-def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+# What from_pretrained reads of a Hub repo: the top level only, where a repo may hold other files
+# (pico-train's training state, a run's records, ...)
+WEIGHT_FILES = ["config.json", "model.safetensors.index.json", "model*.safetensors"]
+
+
+def locate_pretrained(path_or_repo_id: str, revision: str | None = None,
+                      files: list[str] = WEIGHT_FILES) -> tuple[Path, str]:
     """A checkpoint's directory, and its name for messages: path_or_repo_id, or a snapshot of a Hub
-    model repo ("namespace/name", "@revision": pico-train publishes each step as a revision) in the
-    Hugging Face cache, which HF_HUB_OFFLINE=1 reads. Errors name the repo, never the token."""
+    model repo ("namespace/name", "@revision": pico-train publishes each step as a revision; pico tags
+    it too, records.hub_tag) in the Hugging Face cache, which HF_HUB_OFFLINE=1 reads: its `files`
+    (snapshot_download's patterns). Errors name the repo, never the token."""
     if Path(path_or_repo_id).is_dir():
         return Path(path_or_repo_id), path_or_repo_id
     from huggingface_hub import constants, snapshot_download
@@ -266,10 +273,8 @@ def locate_pretrained(path_or_repo_id: str, revision: str | None = None) -> tupl
         repo_id, revision = repo_id.rsplit("@", 1)
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
-        return Path(snapshot_download(  # with a progress bar: a model can be gigabytes
-            repo_id, revision=revision,
-            # the top level only: a repo may hold other files (pico-train's training state, ...)
-            allow_patterns=["config.json", "model.safetensors.index.json", "model*.safetensors"])), name
+        # with a progress bar: a model can be gigabytes
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files)), name
     except HFValidationError:
         message = "no such directory, and not a Hub model repo id (namespace/name, optionally @revision)"
     except RepositoryNotFoundError:
@@ -517,15 +522,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: PicoDecoder, optimi
             manifest = {"step": step, "files": {name: p.stat().st_size for name, p in files.items()},
                         "crc32": {name: _crc32(p) for name, p in files.items()}}
             write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-            _fsync(tmp)
-            # The same step saved again (a resumed run re-saving it) is replaced whole, the old kept aside.
-            old = checkpoints_dir / f".step_{step}.old"
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            _point_latest(checkpoints_dir, final.name)
+            _install(tmp, final)
         barrier()  # no rank goes on (or exits on a stop signal) before the checkpoint is complete
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, most often
         if writer:  # rank 0's alone to remove: another rank's removal could race its rename
@@ -553,6 +550,19 @@ def checkpoint_bytes(model: PicoDecoder, ld, train_rows: int, val_rows: int,
                 "train_data": (train_rows if ld.capture_train else 0) * (model.config.max_seq_len + 1)}
     return {"weights": 4 * model.num_params(), "optimizer": 8 * model.num_params(),
             "captures": 4 * sum(captured.values()), "tokenizer": sum(map(len, (tokenizer or {}).values()))}
+
+
+def _install(tmp: Path, final: Path):
+    """A checkpoint complete in tmp renamed into place, then `latest` pointed at it. The same step
+    saved again (a resumed run re-saving it) is replaced whole, the old one kept aside until then."""
+    _fsync(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _point_latest(final.parent, final.name)
 
 
 def _point_latest(checkpoints_dir: Path, name: str):
@@ -686,6 +696,74 @@ def restore_checkpoint(directory: Path, state: dict, model: PicoDecoder, optimiz
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():  # saved on a node that may have had more GPUs
         torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+
+
+# Branches (checkpointing.training.branch_from): a new run that goes on from another's checkpoint ------
+
+# What a branch reads of a checkpoint on the Hub, uploaded at step_N/'s paths with
+# hf_checkpoint.upload_optimizer; and the run's training_config.yaml, which is beside it there
+CHECKPOINT_FILES = [MANIFEST, "config.json", "model.safetensors", "training_state.pt", "optimizer/*",
+                    "learning_dynamics/*", "training_config.yaml", *data.TOKENIZER_FILES]
+
+
+def branch_point(config, runs_dir: Path) -> Path:
+    """The checkpoint that checkpointing.training.branch_from names: RUN/checkpoints/step_N (a path,
+    or one under runs_dir) or a Hub model repo@revision that holds one, whose run's
+    training_config.yaml is beside its checkpoints/ (on the Hub: beside it). Checked complete (sizes;
+    read_checkpoint checks the bytes) and against the config (config.branch_changes), then the
+    branch's lineage is set in the config. A refusal is one line naming the key: nothing is written."""
+    source = config.checkpointing.training.branch_from
+    key = f"checkpointing.training.branch_from={source!r}"
+    local = next((path for path in (Path(source), runs_dir / source) if path.is_dir()), None)
+    for path in [] if local else (Path(source), runs_dir / source):
+        if path.parent.name == "checkpoints" and (steps := step_directories(path.parent)):
+            raise ConfigError(f"{key}: {path.parent} holds no {path.name}; expected one of its checkpoints: "
+                              f"{', '.join(step.name for step in steps)}")
+    try:
+        directory = local or locate_pretrained(source, files=CHECKPOINT_FILES)[0]
+        if not local and not (directory / MANIFEST).is_file():
+            raise CheckpointError(f"{source} holds no training state ({MANIFEST}, optimizer/, training_state.pt); "
+                                  f"expected a run uploaded with checkpointing.hf_checkpoint.upload_optimizer=True")
+        step = check_complete(directory, checksums=False)["step"]
+    except CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    beside = directory.resolve().parent.parent if local else directory
+    parent = read_run_config(beside / "training_config.yaml", f"the config of the run of {source}")
+    changed = branch_changes(config, parent, step, source)
+    # The data before this step is the parent's: a change of data or order (at this step, or at the
+    # parent's own branch point) splices it in (data.training_rows)
+    was = {name: saved_value(parent, f"data.{path}") for name, path in (
+        ("name", "dataset.name"), ("seed", "seed"), ("order_seed", "order_seed"))}
+    now = {"name": config.data.dataset.name, "seed": config.data.seed, "order_seed": config.data.order_seed}
+    before = (saved_value(parent, "checkpointing.training.lineage") or {}).get("data_before", [])
+    resolved = str(directory.resolve()) if local else f"{source.rsplit('@', 1)[0]}@{directory.name}"
+    config.checkpointing.training.lineage = {
+        "source": resolved, "parent_run": saved_value(parent, "checkpointing.run_name"), "parent_step": step,
+        "changed": changed, "data_before": list(before) + ([{"until_step": step, **was}] if was != now else [])}
+    return directory
+
+
+def adopt(source: Path, checkpoints_dir: Path) -> Path:
+    """A branch's first checkpoint: its parent's (source) made checkpoints/step_N of the branch, each
+    file hard-linked where the file system allows (a checkpoint's files are replaced whole, never
+    written in place, so the two runs never change each other's), else copied; then installed as
+    save_checkpoint installs one. Rank 0's."""
+    manifest = check_complete(source, checksums=False)
+    final = checkpoints_dir / f"step_{manifest['step']}"
+    tmp = checkpoints_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in [*manifest["files"], MANIFEST]:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        origin = (source / name).resolve()  # a Hub snapshot's files are links to the cache's blobs
+        try:
+            os.link(origin, tmp / name)
+        except OSError:  # another file system
+            shutil.copy2(origin, tmp / name)
+            _fsync(tmp / name)
+    for directory in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync(directory)
+    _install(tmp, final)
+    return final
 
 
 def verify(path: Path) -> int:

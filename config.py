@@ -11,6 +11,7 @@ what it does (docs/config.md gathers them in a table).
 
 import ast
 import dataclasses
+import functools
 import math
 import sys
 import traceback
@@ -89,13 +90,31 @@ class TrainingConfig:
     collective_timeout: PositiveFloat = 600.0
     reshard_after_forward: bool = True  # FSDP: gather each block again for its backward
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
+    # CUDA: deterministic kernels (cuBLAS's workspace, SDPA's math backend, ...; train.deterministic_kernels),
+    # so that two runs of one config on one machine are bit for bit the same, at a cost in speed and
+    # memory (docs/branching.md). The CPU's kernels are so already: there it changes nothing
+    deterministic: bool = False
 
 
 @dataclass(slots=True)
 class TrainingCheckpointingConfig:
     auto_resume: bool = True  # False: a run directory that holds checkpoints is refused
     start_over: bool = False  # move the run directory's checkpoints and records aside, start anew
-    init_from: str | None = None  # a new run's first weights, any from_pretrained format; resume ignores it
+    # A new run's first weights alone (then a fresh optimizer, schedule and data from step 0), any
+    # from_pretrained format; resume ignores it
+    init_from: str | None = None
+    # A new run that continues a checkpoint of another with its whole state (weights, optimizer,
+    # schedule, data position, RNG, the probe's rows) from its step N: RUN/checkpoints/step_N (a
+    # path, or one under runs_dir), or a Hub model repo@revision that holds one (a run uploaded with
+    # hf_checkpoint.upload_optimizer; revision its tag RUN-stepN, a branch or a commit). The branch may
+    # change the lr and its schedule, max_steps, the data (from step N on) and the measurements, not
+    # the model's shapes or the global batch (docs/branching.md). Resume ignores it
+    branch_from: str | None = None
+    # Written by the trainer when a branch starts, and read back from training_config.yaml when it
+    # resumes (a value given here is replaced): `source` (branch_from resolved), `parent_run`,
+    # `parent_step`, `changed` ({key: [the parent's value, the branch's]}) and `data_before`, the data
+    # the rows before each branch point came from (data.training_rows)
+    lineage: dict | None = None
 
 
 @dataclass(slots=True)
@@ -352,7 +371,7 @@ def describe(hint) -> str:
         return f"a list, each {describe(args[0])}"
     if origin is Literal:
         return " or ".join(map(repr, args))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}[hint]
 
 
 def check_types(part, path: str = ""):
@@ -422,7 +441,7 @@ def validate(config: Config, world_size: int):
     hf, name = config.checkpointing.hf_checkpoint, config.checkpointing.run_name
     icl, induction = config.evaluation.paloma.icl_positions, config.evaluation.induction.length
     seq_len, cuda = config.model.max_seq_len, torch.cuda.is_available()
-    tasks = config.evaluation.tasks.names
+    tasks, start = config.evaluation.tasks.names, config.checkpointing.training
     tasks_on = "tasks" in (config.evaluation.metrics or [])
     rules = [  # (key, value, whether it is right, what was expected)
         ("data.dataloader.batch_size", batch, batch % per_step == 0,
@@ -456,6 +475,11 @@ def validate(config: Config, world_size: int):
          "at least one task (a Hub dataset repo, a directory of Parquet files or 'builtin:python-syntax') "
          "when evaluation.metrics holds 'tasks'"),
         ("evaluation.tasks.names", tasks, len(set(tasks)) == len(tasks), "each task once"),
+        ("checkpointing.training.init_from", start.init_from, start.init_from is None or start.branch_from is None,
+         "None when checkpointing.training.branch_from is set: init_from starts a new run from weights alone, "
+         "branch_from continues a checkpoint's whole state; one of them"),
+        ("checkpointing.training.lineage", start.lineage, start.lineage is None or start.branch_from is not None,
+         "None: the trainer writes it for a run with checkpointing.training.branch_from"),
     ]
     problems = config.model.problems() + [f"{key}={value!r}: expected {expected}"
                                           for key, value, ok, expected in rules if not ok]
@@ -471,40 +495,110 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
+def saved_value(saved: dict, key: str):
+    """A dotted key's value in a saved config (plain YAML); where it lacks the key (saved by a pico
+    from before the key existed), the key's default, which that run had."""
+    for part in key.split("."):
+        if not isinstance(saved, dict) or part not in saved:
+            return _defaults()[key]
+        saved = saved[part]
+    return saved
+
+
+@functools.cache
+def _defaults() -> dict:
+    return flat(dataclasses.asdict(Config()))
+
+
+def read_run_config(path: Path, expected: str) -> dict:
+    """A run's training_config.yaml, read as plain YAML so that a run saved by a pico with other
+    config keys still reads (a model field it lacks had its default); expected: what it should be,
+    for the one-line error."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+        tensor_shapes(_saved_model(saved))  # a model that cannot be built is no config either
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]  # YAML's errors span several lines
+        raise ConfigError(f"{path}: cannot be read ({first}); expected {expected}") from None
+    return saved
+
+
+def _saved_model(saved: dict) -> ModelConfig:
+    return ModelConfig(**{f.name: saved["model"][f.name] for f in dataclasses.fields(ModelConfig)
+                          if f.name in saved["model"]})
+
+
+def cannot_continue(config: Config, saved: dict, then: str, now: str) -> list[str]:
+    """What a run cannot go on under, as "key (then: old, now: new)": the model's tensor shapes (named
+    by the model fields that differ; others, such as norm_eps, may change) and the global batch, on
+    which every data position and the probe's steps depend."""
+    old_model, differ = _saved_model(saved), []
+    if tensor_shapes(old_model) != tensor_shapes(config.model):
+        pairs = [(f.name, getattr(old_model, f.name), getattr(config.model, f.name))
+                 for f in dataclasses.fields(old_model)]
+        differ = [f"model.{name} ({then}: {old!r}, {now}: {new!r})" for name, old, new in pairs if old != new]
+    old = saved_value(saved, "data.dataloader.batch_size")
+    if old != config.data.dataloader.batch_size:
+        differ.append(f"data.dataloader.batch_size ({then}: {old!r}, {now}: {config.data.dataloader.batch_size!r})")
+    return differ
+
+
 def check_resume_compatible(config: Config, saved_path: Path) -> list[str]:
     """A run resumes only under the model's tensor shapes, global batch and data order of its
-    training_config.yaml; other model fields (norm_eps, ...) may change, as the schedule may (a lower
-    lr after a divergence, more steps). Returns the schedule and optimizer keys that changed, as
-    "key (run: old, now: new)", for the log to say. Read as plain YAML, so a run saved by a pico
-    with other config keys still resumes: a model field it lacks had its default, and one saved
-    before data.order_seed existed had order 0."""
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-        saved_model = {f.name: saved["model"][f.name] for f in dataclasses.fields(ModelConfig)
-                       if f.name in saved["model"]}
-        old_shapes = tensor_shapes(ModelConfig(**saved_model))
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]  # YAML's errors span several lines
-        raise ConfigError(f"{saved_path}: cannot be read ({first}); expected the config of the run "
-                          f"being resumed") from None
-    differ = []
-    if old_shapes != tensor_shapes(config.model):  # named by the fields that differ
-        differ = [f"model.{name} (run: {old!r}, new config: {getattr(config.model, name)!r})"
-                  for name, old in saved_model.items() if old != getattr(config.model, name)]
-    for key in ["data.dataloader.batch_size", "data.order_seed"]:
-        old, new = saved, config
-        for part in key.split("."):
-            old, new = old.get(part) if isinstance(old, dict) else None, getattr(new, part)
-        old = 0 if key == "data.order_seed" and old is None else old
-        if old != new:
-            differ.append(f"{key} (run: {old!r}, new config: {new!r})")
+    training_config.yaml (cannot_continue); the schedule may change (a lower lr after a divergence,
+    more steps). Returns the schedule and optimizer keys that changed, as "key (run: old, now: new)",
+    for the log to say. A branch resumes as itself: a config naming another branch_from is refused,
+    and its lineage, which the data before its step depends on, is read back into the config."""
+    saved = read_run_config(saved_path, "the config of the run being resumed")
+    differ = cannot_continue(config, saved, "run", "new config")
+    old_order = saved_value(saved, "data.order_seed")
+    if old_order != config.data.order_seed:
+        differ.append(f"data.order_seed (run: {old_order!r}, new config: {config.data.order_seed!r})")
     if differ:
         raise ConfigError(f"resume refused: {saved_path} disagrees with the new config on "
                           f"{'; '.join(differ)}; use another checkpointing.run_name")
+    start, saved_from = config.checkpointing.training, saved_value(saved, "checkpointing.training.branch_from")
+    if start.branch_from is not None and start.branch_from != saved_from:
+        what = f"a branch from {saved_from}" if saved_from else "a run that is no branch"
+        raise ConfigError(f"checkpointing.training.branch_from={start.branch_from!r}: {saved_path.parent} "
+                          f"holds another run, with checkpoints ({what}); expected a new "
+                          f"checkpointing.run_name for the branch")
+    start.branch_from, start.lineage = saved_from, saved_value(saved, "checkpointing.training.lineage")
     # The schedule's keys (gradient_accumulation_steps only splits the same gradient differently)
-    saved_optimization = (saved.get("training") or {}).get("optimization") or {}
-    changed = [("training.max_steps", (saved.get("training") or {}).get("max_steps"), config.training.max_steps)]
-    changed += [(f"training.optimization.{f.name}", saved_optimization.get(f.name),
+    changed = [("training.max_steps", saved_value(saved, "training.max_steps"), config.training.max_steps)]
+    changed += [(f"training.optimization.{f.name}", saved_value(saved, f"training.optimization.{f.name}"),
                  getattr(config.training.optimization, f.name))
                 for f in dataclasses.fields(OptimizationConfig) if f.name != "gradient_accumulation_steps"]
     return [f"{key} (run: {old!r}, now: {new!r})" for key, old, new in changed if old != new]
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value}."""
+    out = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        out.update(flat(value, key + ".") if isinstance(value, dict) else {key: value})
+    return out
+
+
+def branch_changes(config: Config, parent: dict, step: int, source: str) -> dict:
+    """What a branch from checkpoint `step` of a run whose training_config.yaml is `parent` changes:
+    {key: [the parent's value, the branch's]}, over every key but those that say where the run is
+    and where it starts from (checkpointing.run_name, runs_dir, training.*). A change the parent
+    cannot go on under (cannot_continue) is refused, and a training.max_steps with nothing to train.
+    source: checkpointing.training.branch_from, for the errors."""
+    key = f"checkpointing.training.branch_from={source!r}"
+    if differ := cannot_continue(config, parent, "parent", "branch"):
+        raise ConfigError(f"{key}: the branch's config differs from the parent run's on {'; '.join(differ)}; "
+                          f"expected the parent's model shapes and global batch, which a branch continues "
+                          f"(checkpointing.training.init_from starts a new run from weights alone)")
+    if config.training.max_steps <= step:
+        raise ConfigError(f"training.max_steps={config.training.max_steps}: expected more than step {step}, "
+                          f"where the branch starts ({key})")
+    changed = {}
+    for name, value in flat(dataclasses.asdict(config)).items():
+        if name in ("checkpointing.run_name", "checkpointing.runs_dir") or name.startswith("checkpointing.training."):
+            continue
+        if (old := saved_value(parent, name)) != value:
+            changed[name] = [old, value]
+    return changed

@@ -539,17 +539,74 @@ def shard_order(files: list, order_seed: int) -> list:
 
 
 def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_cached_shards: int = 2,
-                 shared: bool = False, order_seed: int = 0) -> ParquetShards | HubShards:
+                 shared: bool = False, order_seed: int = 0,
+                 key: str = "data.dataset.name") -> ParquetShards | HubShards:
     """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
-    (namespace/name[@revision]) or the embedded corpus; shared: HubShards read by one job's processes."""
+    (namespace/name[@revision]) or the embedded corpus; shared: HubShards read by one job's processes;
+    key: the config key that named them, for errors."""
     if name == EMBEDDED_CORPUS:
         directory = prepare_local(row_len - 1, seed) / "train"
     elif repo := hub_repo(name):
-        return HubShards(*repo, row_len, vocab_size, max_cached_shards, shared=shared, order_seed=order_seed)
+        return HubShards(*repo, row_len, vocab_size, max_cached_shards, key, shared, order_seed)
     else:
         directory = Path(name)
-    return ParquetShards(shard_order(list_shards(directory), order_seed), row_len, vocab_size,
+    return ParquetShards(shard_order(list_shards(directory, key), order_seed), row_len, vocab_size,
                          order_seed=order_seed)
+
+
+def training_rows(config, shared: bool = False) -> "ParquetShards | HubShards | Spliced":
+    """The rows a run trains on, by global position: data.dataset's, in data.order_seed's order. A
+    branch (checkpointing.training.branch_from) trains on its own data from its step N on, and on its
+    parent's before: each branch point of its lineage's data_before (the parent's own branch points
+    first) splices that data in before it, so the probe and `data.py batch` find the rows trained on."""
+    d, row_len = config.data, config.model.max_seq_len + 1
+
+    def opened(name: str, seed: int, order_seed: int, key: str = "data.dataset.name"):
+        return open_dataset(name, row_len, config.model.vocab_size, seed, d.dataset.max_cached_shards, shared,
+                            order_seed, key)
+    rows = opened(d.dataset.name, d.seed, d.order_seed)
+    earlier = (config.checkpointing.training.lineage or {}).get("data_before", [])
+    for i, was in reversed(list(enumerate(earlier))):
+        key = f"checkpointing.training.lineage.data_before[{i}].name"
+        rows = Spliced(opened(was["name"], was["seed"], was["order_seed"], key), rows,
+                       was["until_step"] * d.dataloader.batch_size)
+    return rows
+
+
+class Spliced:
+    """The rows of `before` at the positions below `at`, and those of `after` from `at` on, each at
+    its own position: a branch's data (training_rows) that changed at its step."""
+
+    def __init__(self, before, after, at: int):
+        self.before, self.after, self.at = before, after, at
+
+    @property
+    def files(self) -> list:
+        return self.after.files
+
+    @property
+    def num_rows(self) -> int:  # a HubShards' grows when its last shard is opened
+        return self.after.num_rows
+
+    @property
+    def name(self) -> str | None:  # a HubShards' repo, for BatchStream's errors
+        return getattr(self.after, "name", None)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count), as int64 [count, row_len]."""
+        split = min(max(self.at - start, 0), count)  # how many come before `at`
+        pieces = [self.before.read(start, split)] if split else []
+        return np.concatenate(pieces + ([self.after.read(start + split, count - split)] if split < count else []))
+
+    def read_at(self, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        early = positions < self.at
+        parts = [(mask, source.read_at(positions[mask])) for mask, source in ((early, self.before),
+                                                                              (~early, self.after)) if mask.any()]
+        rows = np.empty((len(positions), parts[0][1].shape[1]), dtype=np.int64)
+        for mask, part in parts:
+            rows[mask] = part
+        return rows
 
 
 def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> tuple:
@@ -760,8 +817,7 @@ def print_batch(config_path: str, overrides: list[str], step: int, out: str | No
     config = load_config(config_path, overrides)
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
-    rows = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed,
-                        order_seed=config.data.order_seed).read(start, count)
+    rows = training_rows(config).read(start, count)
     byte_level = config.data.tokenizer.name == "bytes"
     print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
           f"{count} x {seq_len + 1} tokens")

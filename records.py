@@ -38,6 +38,8 @@ from distributed import world
 
 UPLOADS = "uploads.json"  # in the run directory: the steps pending upload, and those uploaded
 CODE = ["*.py", "configs/*.py", "requirements*.txt"]  # the project's files copied into each run
+# The key of a branch's first record in metrics.jsonl (Records.branched)
+BRANCH_FROM = "branch_from"
 # The mark of a checkpoint's evaluation records in metrics.jsonl: a resumed run that evaluates its
 # checkpoint again drops them first, whatever their other keys.
 EVALUATION = "evaluation"
@@ -60,6 +62,7 @@ class Records:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         (run_dir / "training_config.yaml").write_text(resolved)
+        kept = []
         if self.metrics.exists():  # a last line that a crash (a full disk) cut short goes too
             kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) < start_step
                     or _step_of(line) == start_step and (evaluated or not _is_evaluation(line))]
@@ -76,6 +79,19 @@ class Records:
             shutil.copy2(path, copy)
         if config.monitoring.save_to_wandb:
             self.wandb = self._start_wandb(config)
+        lineage = config.checkpointing.training.lineage
+        if lineage and not any(BRANCH_FROM in json.loads(line) for line in kept):  # once, at its first start
+            self.branched(lineage)
+
+    def branched(self, lineage: dict):
+        """A branch's first record, at the step where it starts (its lineage, as in
+        training_config.yaml's checkpointing.training.lineage): what a comparison of runs reads."""
+        step, changed = lineage["parent_step"], lineage["changed"]
+        self.write({"step": step, BRANCH_FROM: lineage["source"], "parent_run": lineage["parent_run"],
+                    "parent_step": step, "changed": list(changed)})
+        said = "; ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
+        self.log.info(f"branch of run {lineage['parent_run']} at step {step} ({lineage['source']}): "
+                      f"{'changed ' + said if said else 'nothing changed'}")
 
     def _start_wandb(self, config):
         """A wandb run with the run name's id, which a resumed run continues; or None, with a
@@ -238,17 +254,27 @@ def in_bytes(n: float) -> str:
 
 # Upload to the Hub ---------------------------------------------------------------------------
 
-def read_uploads(run_dir: Path) -> dict[str, list[int]]:
-    """run_dir/uploads.json: {"pending": [steps queued, not yet on the Hub], "uploaded": [...]}."""
+def read_uploads(run_dir: Path) -> dict[str, list]:
+    """run_dir/uploads.json: {"pending": [steps queued, not yet on the Hub], "uploaded": [...],
+    "untagged": [[step, its commit], ...: uploaded, their tag still to make]} (a run's from before
+    tags has none)."""
     path = Path(run_dir) / UPLOADS
     try:
         record = json.loads(path.read_text())
-        return {"pending": list(record["pending"]), "uploaded": list(record["uploaded"])}
+        return {"pending": list(record["pending"]), "uploaded": list(record["uploaded"]),
+                "untagged": [list(pair) for pair in record.get("untagged", [])]}
     except FileNotFoundError:
-        return {"pending": [], "uploaded": []}
+        return {"pending": [], "uploaded": [], "untagged": []}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot be read ({describe_error(e)}); expected "
-                              f'{{"pending": [steps], "uploaded": [steps]}}') from None
+                              f'{{"pending": [steps], "uploaded": [steps], "untagged": [[step, commit]]}}') from None
+
+
+def hub_tag(run_name: str, step: int) -> str:
+    """The tag of checkpoint `step` of a run on the Hub. Pythia names its revisions step{N}, one
+    repo per model; pico-train's repos hold runs side by side, a branch each, and a tag names a
+    commit of the whole repo: the run's name comes first, so the tags of two runs never meet."""
+    return f"{run_name}-step{step}"
 
 
 def hub_uploader(config, run_dir: Path, log) -> "HubUploader":
@@ -263,11 +289,14 @@ class HubUploader:
     """Pushes each checkpoint to branch `branch` (the run name) of the Hub model repo `repo_id` as
     pico-train does, with the tokenizer, metrics.jsonl and the logs; with upload_optimizer also the
     optimizer and training state, at their paths in step_N/, so the branch resumes as a checkpoint.
-    One background thread uploads, so a training step never waits for the network. A step is
-    pending in uploads.json from before it is queued until all its commits are made, so one that a
-    crash or an outage left pending is queued again at the next start. A commit is tried `attempts`
-    times, `retry_delay` seconds apart, then twice that, ...; a step that still fails is logged
-    once and stays pending. Nothing here raises into the training loop or prints the token."""
+    The step's last commit is then tagged (hub_tag), so that from_pretrained(repo_id, revision=tag)
+    loads it. One background thread uploads, so a training step never waits for the network. A step
+    is pending in uploads.json from before it is queued until all its commits are made, so one that a
+    crash or an outage left pending is queued again at the next start. A commit, and a tag, is tried
+    `attempts` times, `retry_delay` seconds apart, then twice that, ...; a step that still fails is
+    logged once and stays pending. A tag that fails leaves its step uploaded and "untagged" with its
+    commit: tried again, once, after each upload and at the next start, and logged once. Nothing
+    here raises into the training loop or prints the token."""
 
     def __init__(self, run_dir: Path, repo_id: str, branch: str, log, attempts: int = 5,
                  retry_delay: float = 10.0, upload_optimizer: bool = False):
@@ -279,6 +308,7 @@ class HubUploader:
         self.given_up = threading.Event()  # set by close() when its wait runs out
         self.repo_ready = False  # the repo and the branch exist
         self.committed: dict[str, bytes] = {}  # path in the repo -> sha256 of what we last put there
+        self.tag_failed: set[int] = set()  # steps whose tag failed and was logged
         if left := self.record["pending"]:
             log.info(f"upload: steps {left}, left pending by an earlier run, are queued first")
         for step in left:
@@ -312,24 +342,74 @@ class HubUploader:
         write_atomically(self.run_dir / UPLOADS, json.dumps(record) + "\n")
 
     def _work(self):
+        self._tag_left(attempts=1)
         while (step := self.queue.get()) is not None:
             try:
-                n_commits = self._upload(step)
+                n_commits, commit = self._upload(step)
                 with self.lock:
                     self.record["pending"].remove(step)
                     self.record["uploaded"].append(step)
+                    self.record["untagged"].append([step, commit])
                     self._write()
                 self.log.info(f"uploaded step {step} to {self.repo_id}@{self.branch} ({n_commits} commits)")
             except Exception as e:  # whatever went wrong, training goes on and the step stays pending
                 if not self.given_up.is_set():  # else close() has said what is left
-                    reason = data.without_token(describe_error(e))  # should a server echo the token
                     self.log.warning(f"upload of step {step} to {self.repo_id}@{self.branch} failed "
-                                     f"({reason}); it stays pending in "
+                                     f"({self._reason(e)}); it stays pending in "
                                      f"{self.run_dir / UPLOADS} for the next start")
+            self._tag_left(attempts=self.attempts)
 
-    def _upload(self, step: int) -> int:
-        """Commit checkpoint `step`, one commit per kind of file; how many. pico-analyze's --repo_id
-        mode finds a step by its titles: r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
+    def _reason(self, e: Exception) -> str:
+        return data.without_token(describe_error(e))  # should a server echo the token
+
+    def _tag_left(self, attempts: int):
+        """Tag the uploaded steps still untagged, each at the commit that completed it (hub_tag): the
+        one just uploaded with every attempt, those a failure left with one each."""
+        for step, commit in list(self.record["untagged"]):
+            tag = hub_tag(self.branch, step)
+            try:
+                self._retrying(lambda: self._tag(tag, commit), attempts if step not in self.tag_failed else 1)
+            except Exception as e:
+                if not self.given_up.is_set() and step not in self.tag_failed:
+                    self.log.warning(f"tag {tag} of step {step} (commit {commit}) on {self.repo_id} failed "
+                                     f"({self._reason(e)}); the step is uploaded, its tag is tried again after "
+                                     f"the next upload and at the next start ({self.run_dir / UPLOADS})")
+                self.tag_failed.add(step)
+                continue
+            with self.lock:
+                self.record["untagged"].remove([step, commit])
+                self._write()
+            if step in self.tag_failed:
+                self.log.info(f"tagged step {step} on {self.repo_id}: {tag}")
+
+    def _tag(self, tag: str, commit: str):
+        """Point `tag` at `commit`. One there already was left by an earlier try of this step, which a
+        crash kept from saying so, or by an earlier run of the same name, started over: it moves."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+        api = HfApi()
+        try:
+            api.create_tag(self.repo_id, tag=tag, revision=commit)
+        except HfHubHTTPError as e:
+            if e.response is None or e.response.status_code != 409:  # 409: the tag exists
+                raise
+            api.delete_tag(self.repo_id, tag=tag)
+            api.create_tag(self.repo_id, tag=tag, revision=commit)
+
+    def _retrying(self, call, attempts: int):
+        """call(), tried `attempts` times, retry_delay seconds apart, then twice that, ...; not once
+        more after close() has given up waiting."""
+        for attempt in range(attempts):
+            try:
+                return call()
+            except Exception:
+                if attempt + 1 == attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
+                    raise
+
+    def _upload(self, step: int) -> tuple[int, str]:
+        """Commit checkpoint `step`, one commit per kind of file: how many, and the last one's id.
+        pico-analyze's --repo_id mode finds a step by its titles:
+        r"Saving Learning Dynamics Data \\((train|val)\\) -- Step (\\d+)"."""
         directory = self.run_dir / "checkpoints" / f"step_{step}"
         if not directory.is_dir():
             raise CheckpointError(f"{directory} does not exist")
@@ -364,16 +444,10 @@ class HubUploader:
                 p.relative_to(directory).as_posix(): p for p in state}
         commits = {title: files for title, files in commits.items() if files}  # a kind without files: none
         for title, files in commits.items():
-            for attempt in range(self.attempts):
-                try:
-                    self._commit(title, files)
-                    break
-                except Exception:
-                    if attempt + 1 == self.attempts or self.given_up.wait(self.retry_delay * 2 ** attempt):
-                        raise
-        return len(commits)
+            commit = self._retrying(lambda: self._commit(title, files), self.attempts)
+        return len(commits), commit
 
-    def _commit(self, title: str, files: dict[str, Path]):
+    def _commit(self, title: str, files: dict[str, Path]) -> str:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
         api = HfApi()
         if not self.repo_ready:  # once per run, as pico-train's initialize_hf_checkpointing
@@ -388,5 +462,6 @@ class HubUploader:
             # learning rate is 0): huggingface_hub would skip the commit, and pico-analyze find
             # no commit for this step. Files deleted and added again in one commit are committed.
             deletes = [CommitOperationDelete(op.path_in_repo) for op in adds]
-        api.create_commit(self.repo_id, deletes + adds, commit_message=title, revision=self.branch)
+        made = api.create_commit(self.repo_id, deletes + adds, commit_message=title, revision=self.branch)
         self.committed.update({op.path_in_repo: op.upload_info.sha256 for op in adds})
+        return made.oid  # the branch's head, where huggingface_hub skipped a commit of unchanged files

@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
     model, step_model, wrapper, optimizer, scheduler = build(config, env, run)
     distributed.barrier()  # every rank has read the run directory before rank 0 writes to it
     records = Records(run.dir, config, run.start_step, measures.done(run.start_step))  # the first write
+    if run.branched and env.rank == 0:  # the parent's checkpoint is the branch's first
+        checkpoint.adopt(run.resumed_from, run.dir / "checkpoints")
     progress = Progress(config, env, run, model, records, shards, measures)  # logs the first lines
     stop, finite = StopSignals(), FiniteCheck(env.device, flags)
     saver = Checkpoints(config, env, run, model, optimizer, scheduler, measures, ld_rows, finite, records)
@@ -212,6 +214,8 @@ def setup(config: Config) -> Env:
         torch.cuda.set_device(local_rank)  # NCCL and every kernel of this process go to its own GPU
         device = torch.device("cuda", local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+    if config.training.deterministic:
+        deterministic_kernels(name == "cuda")
     precision = config.training.precision
     if precision == "auto":
         precision = "bf16-mixed" if name == "cuda" else "32"
@@ -219,6 +223,25 @@ def setup(config: Config) -> Env:
                 else contextlib.nullcontext())
     use_compile = name == "cuda" if config.training.compile is None else config.training.compile
     return Env(device, precision, use_compile, world_size, rank, autocast)
+
+
+def deterministic_kernels(cuda: bool, on: bool = True):
+    """training.deterministic: kernels that give the same bits for the same inputs on one machine
+    (PyTorch's notes on reproducibility): deterministic algorithms wherever PyTorch has them (an op
+    that has none raises, naming itself); on CUDA also cuBLAS's workspace setting (read at its first
+    call: set before the model is built), cuDNN without benchmarking, and scaled_dot_product_attention
+    held to its math backend, the one whose backward is deterministic in every torch from 2.5 (flash
+    and memory-efficient attention accumulate their backward with atomics where a version does not
+    switch them; the math backend keeps each head's T x T scores for the backward: more memory).
+    on=False undoes it, for bench.py's comparison in one process."""
+    if cuda and on and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(on)
+    if cuda:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, False
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp):
+            enable(not on)
 
 
 @dataclasses.dataclass
@@ -232,6 +255,7 @@ class Run:
     lock: object = None  # rank 0's hold on the directory (records.lock_run_directory)
     carried: dict = dataclasses.field(default_factory=dict)  # its Checkpoints.run_state
     schedule_changes: list = dataclasses.field(default_factory=list)  # resumed under another schedule
+    branched: bool = False  # resumed_from is another run's: checkpointing.training.branch_from's
 
 
 def open_run(config: Config, env: Env) -> Run:
@@ -254,6 +278,9 @@ def open_run(config: Config, env: Env) -> Run:
                           f"checkpointing.training.start_over=True to move them aside and start over")
     if latest is not None:
         run.schedule_changes = check_resume_compatible(config, run.dir / "training_config.yaml")
+    elif ckpt.training.branch_from is not None:  # a branch's first start, from its parent's checkpoint
+        latest, run.branched = checkpoint.branch_point(config, Path(ckpt.runs_dir)), True
+    if latest is not None:
         run.state = checkpoint.read_checkpoint(latest, config.model)
         run.resumed_from, run.start_step, run.weights = latest, run.state["step"], run.state.pop("model")
         run.carried = run.state.get("run_state", {})
@@ -276,7 +303,7 @@ def already_done(config: Config, run: Run, env: Env) -> int:
     if env.rank == 0:
         print(f"{run.dir}: already trained to step {run.start_step} (training.max_steps="
               f"{config.training.max_steps}); nothing to do")
-        if config.checkpointing.save_to_hf and read_uploads(run.dir)["pending"]:
+        if config.checkpointing.save_to_hf and ((left := read_uploads(run.dir))["pending"] or left["untagged"]):
             hub_uploader(config, run.dir, run_log(run.dir, config.monitoring.logging.log_level)).close()
     return 0
 
@@ -285,9 +312,7 @@ def open_data(config: Config, env: Env, run: Run) -> tuple:
     """The training shards, the val captures' rows and each measurement's (evaluation.py), read and
     checked before anything is built or written."""
     seq_len, vocab, seed = config.model.max_seq_len, config.model.vocab_size, config.data.seed
-    shards = data.open_dataset(config.data.dataset.name, seq_len + 1, vocab, seed,
-                               config.data.dataset.max_cached_shards, shared=env.world_size > 1,
-                               order_seed=config.data.order_seed)
+    shards = data.training_rows(config, shared=env.world_size > 1)
     max_steps, global_batch = config.training.max_steps, config.data.dataloader.batch_size
     if max_steps * global_batch > shards.num_rows:
         raise ConfigError(f"training.max_steps={max_steps}: needs {max_steps * global_batch:,} rows "

@@ -8,11 +8,12 @@ to a CDN on another origin (`localhost` for `127.0.0.1`, same port), which serve
 HTTP ranges. Every request is logged in `log`.
 
 The write API is served too: create a repo or a branch, preupload (every file "regular", so the
-client sends it inline in the commit, base64), commit (NDJSON), and list a branch's commits. A
-commit is a new directory, its parent's files with the commit's written over them, in a temporary
-directory removed by stop(); its title is kept for list_repo_commits. `fail_commits = 500` makes
-every commit answer that status; `stalled.set()` makes every request wait, unanswered (a Hub
-that stopped answering), until stop().
+client sends it inline in the commit, base64), commit (NDJSON), list a branch's commits, and tags:
+create_tag (409 for a tag that exists), delete_tag, list_repo_refs. A tag names a commit wherever
+a revision is read. A commit is a new directory, its parent's files with the commit's written over
+them, in a temporary directory removed by stop(); its title is kept for list_repo_commits.
+`fail_commits = 500` makes every commit answer that status, `fail_tags = 500` every tag's creation;
+`stalled.set()` makes every request wait, unanswered (a Hub that stopped answering), until stop().
 
 To add an endpoint: add a `(methods, pattern, handler name)` entry to Handler.ROUTES and a method
 that answers with `reply`.
@@ -62,9 +63,11 @@ def point_huggingface_hub_at(monkeypatch, endpoint: str, cache_dir, offline: boo
 class HubServer:
     def __init__(self):
         self.branches: dict[tuple[str, str], dict[str, str]] = {}  # (type, repo) -> {branch: sha}
+        self.tags: dict[tuple[str, str], dict[str, str]] = {}  # (type, repo) -> {tag: sha}
         self.commits: dict[str, Path] = {}  # commit sha -> the directory of its files
         self.history: dict[str, dict] = {}  # sha of a written commit -> title, message, date, parent
         self.fail_commits: int | None = None  # a status every commit is answered with (500, say)
+        self.fail_tags: int | None = None  # and every creation of a tag
         self.stalled = threading.Event()  # set: every request is taken and never answered
         self.stalled_downloads = threading.Event()  # set: so is every whole .parquet file's GET
         self.released = threading.Event()  # set by stop(): the stalled requests end
@@ -151,6 +154,9 @@ class Handler(BaseHTTPRequestHandler):
         (("POST",), rf"^/api/{REPO}/preupload/(?P<rev>[^/]+)$", "preupload"),
         (("POST",), rf"^/api/{REPO}/commit/(?P<rev>[^/]+)$", "create_commit"),
         (("GET",), rf"^/api/{REPO}/commits/(?P<rev>[^/]+)$", "list_commits"),
+        (("POST",), rf"^/api/{REPO}/tag/(?P<rev>[^/]+)$", "create_tag"),
+        (("DELETE",), rf"^/api/{REPO}/tag/(?P<tag>[^/]+)$", "delete_tag"),
+        (("GET",), rf"^/api/{REPO}/refs$", "list_refs"),
     ]
 
     def log_message(self, *args):  # quiet: requests go to hub.log
@@ -186,6 +192,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.route("POST")
 
+    def do_DELETE(self):
+        self.route("DELETE")
+
     def body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
@@ -200,11 +209,11 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def commit(self, method: str, kind: str, repo: str, rev: str) -> str | None:
-        """The commit sha of a revision (a branch or a sha), or None after answering 404."""
-        branches = self.hub.branches.get((kind, repo))
-        if branches is not None and (rev in branches or rev in branches.values()
+        """The commit sha of a revision (a branch, a tag or a sha), or None after answering 404."""
+        branches, tags = self.hub.branches.get((kind, repo)), self.hub.tags.get((kind, repo), {})
+        if branches is not None and (rev in branches or rev in tags or rev in branches.values()
                                      or self.hub.history.get(rev, {}).get("repo") == (kind, repo)):
-            return branches.get(rev, rev)
+            return branches.get(rev, tags.get(rev, rev))
         code = "RepoNotFound" if branches is None else "RevisionNotFound"
         self.reply(404, {"error": f"{code}: {repo}@{rev}"}, {"X-Error-Code": code}, method)
         return None
@@ -350,3 +359,32 @@ class Handler(BaseHTTPRequestHandler):
                             "authors": [{"user": "pico-test"}], "date": entry["date"]})
             sha = entry["parent"]
         self.reply(200, commits)
+
+    def create_tag(self, method, query, type, repo, rev):
+        request = json.loads(self.body())
+        if self.hub.fail_tags:
+            return self.reply(self.hub.fail_tags, {"error": "tag refused (HubServer.fail_tags)"})
+        if not (sha := self.commit(method, type, repo, rev)):
+            return
+        with self.hub.lock:
+            tags = self.hub.tags.setdefault((type, repo), {})
+            if request["tag"] in tags or request["tag"] in self.hub.branches[(type, repo)]:
+                return self.reply(409, {"error": f"Reference already exists: {request['tag']}"})
+            tags[request["tag"]] = sha
+        self.reply(200, {})
+
+    def delete_tag(self, method, query, type, repo, tag):
+        with self.hub.lock:
+            if self.hub.tags.get((type, repo), {}).pop(tag, None) is None:
+                return self.reply(404, {"error": f"RevisionNotFound: {repo}@{tag}"},
+                                  {"X-Error-Code": "RevisionNotFound"})
+        self.reply(200, {})
+
+    def list_refs(self, method, query, type, repo):
+        if (type, repo) not in self.hub.branches:
+            return self.reply(404, {"error": f"RepoNotFound: {repo}"}, {"X-Error-Code": "RepoNotFound"})
+        refs = {kind: [{"name": name, "ref": f"refs/{prefix}/{name}", "targetCommit": sha}
+                       for name, sha in sorted(named.items())]
+                for kind, prefix, named in (("branches", "heads", self.hub.branches[(type, repo)]),
+                                            ("tags", "tags", self.hub.tags.get((type, repo), {})))}
+        self.reply(200, {**refs, "converts": [], "pullRequests": []})

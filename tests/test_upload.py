@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 import checkpoint
@@ -24,6 +25,7 @@ import records
 import test_train
 import train as trainer
 from hub_server import point_huggingface_hub_at
+from model import PicoDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "pico-test/tiny-model"
@@ -134,7 +136,7 @@ def test_each_checkpoint_is_pushed_to_branch_run_name_in_pico_trains_layout(tiny
         for name in ("config.json", "model.safetensors"):
             uploaded = hf_hub_download(REPO, name, revision=commits[f"Saving HF Model -- Step {s}"])
             assert Path(uploaded).read_bytes() == (run / "checkpoints" / f"step_{s}" / name).read_bytes()
-    assert records.read_uploads(run) == {"pending": [], "uploaded": steps}
+    assert records.read_uploads(run) == {"pending": [], "uploaded": steps, "untagged": []}
 
 
 def test_list_repo_commits_finds_every_step_by_pico_analyzes_titles(tiny, hub):
@@ -176,6 +178,77 @@ def test_with_upload_optimizer_the_branch_at_a_step_resumes_as_that_checkpoint(t
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
 
 
+def tagged() -> dict[str, str]:
+    """The repo's tags: name -> the title of the commit it names."""
+    titles = {c.commit_id: c.title for c in HfApi().list_repo_commits(REPO, revision="run")}
+    return {ref.name: titles[ref.target_commit] for ref in HfApi().list_repo_refs(REPO).tags}
+
+
+def test_each_checkpoint_loads_by_its_tag_in_pico_and_in_transformers(tiny, hub):
+    transformers = pytest.importorskip("transformers")
+    assert train(tiny).returncode == 0
+    run, steps = run_dir(tiny), saved_steps(tiny)
+    # Each step's tag names the last commit of its upload: "run-step1", Pythia's "step1" with the run
+    assert tagged() == {records.hub_tag("run", s): f"Saving Logs -- Step {s}" for s in steps}
+    assert records.hub_tag("run", 1) == "run-step1"
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    for s in steps:
+        local = PicoDecoder.from_pretrained(str(run / "checkpoints" / f"step_{s}"))
+        expected = local(ids)[0]
+        assert torch.equal(PicoDecoder.from_pretrained(REPO, revision=f"run-step{s}")(ids)[0], expected)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(REPO, revision="run-step2")
+    with torch.no_grad():
+        assert (theirs(ids).logits - expected).abs().max() <= 1e-4
+    assert records.read_uploads(run)["untagged"] == []
+
+
+def test_a_tag_that_fails_leaves_its_step_uploaded_and_is_made_at_the_next_start(tiny, hub):
+    hub.fail_tags = 500
+    result = train(tiny)
+    assert result.returncode == 0, result.stderr
+    run, steps = run_dir(tiny), saved_steps(tiny)
+    left = records.read_uploads(run)
+    assert left["pending"] == [] and left["uploaded"] == steps and [s for s, _ in left["untagged"]] == steps
+    failures = [line for line in result.stdout.splitlines() if re.search(r"tag run-step\d+ .* failed", line)]
+    assert len(failures) == len(steps) and all("500" in line for line in failures)  # once each
+    assert tagged() == {}
+    hub.fail_tags = None
+    again = train(tiny)  # nothing left to train: the tags only
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    assert tagged() == {f"run-step{s}": f"Saving Logs -- Step {s}" for s in steps}
+    assert records.read_uploads(run)["untagged"] == []
+
+
+def test_a_branch_goes_on_from_a_checkpoint_on_the_hub_named_by_its_tag(tiny, hub):
+    optimizer = "--checkpointing.hf_checkpoint.upload_optimizer=True"
+    assert train(tiny, optimizer).returncode == 0
+    result = train(tiny, optimizer, "--checkpointing.run_name=from-hub",
+                   f"--checkpointing.training.branch_from={REPO}@run-step1")
+    assert result.returncode == 0, result.stderr
+    run, branch = run_dir(tiny), tiny.parent / "runs" / "from-hub"
+    commit = next(ref.target_commit for ref in HfApi().list_repo_refs(REPO).tags if ref.name == "run-step1")
+    first = json.loads((branch / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 1, "branch_from": f"{REPO}@{commit}", "parent_run": "run", "parent_step": 1,
+                     "changed": []}
+    # It changes nothing: step 2 as the parent trained it, bit for bit
+    assert test_train.losses(branch) == {2: test_train.losses(run)[2]}
+    ours, theirs = test_train.final_weights(branch), test_train.final_weights(run)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_branch_from_a_hub_checkpoint_without_its_training_state_is_one_line(tiny, hub, tmp_path):
+    config = trainer.load_config(str(tiny), [])
+    (tmp_path / "weights").mkdir()  # what an upload without checkpointing.hf_checkpoint.upload_optimizer has
+    checkpoint.export_hf(PicoDecoder(config.model).state_dict(), config.model, tmp_path / "weights")
+    hub.add_repo(REPO, tmp_path / "weights", branch="run", repo_type="model")
+    with pytest.raises(trainer.ConfigError) as error:
+        trainer.main([str(tiny), f"--checkpointing.training.branch_from={REPO}@run"])
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and f"{REPO}@run holds no training state" in message
+    assert "checkpointing.hf_checkpoint.upload_optimizer=True" in message
+    assert not (tmp_path / "runs").exists()
+
+
 def test_commits_failing_do_not_stop_training_and_are_logged_once_per_checkpoint(tiny, hub):
     hub.fail_commits = 500
     result = train(tiny)
@@ -186,7 +259,7 @@ def test_commits_failing_do_not_stop_training_and_are_logged_once_per_checkpoint
     failures = upload_failures(result.stdout)
     assert sorted(failures) == steps
     assert all("500 Internal Server Error" in line and "stays pending" in line for line in failures.values())
-    assert records.read_uploads(run) == {"pending": steps, "uploaded": []}
+    assert records.read_uploads(run) == {"pending": steps, "uploaded": [], "untagged": []}
 
 
 def test_the_same_command_again_uploads_the_steps_left_pending(tiny, hub):
@@ -197,7 +270,7 @@ def test_the_same_command_again_uploads_the_steps_left_pending(tiny, hub):
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr
     steps = saved_steps(tiny)
     assert branch_titles() == [title for s in steps for title in titles_of(s)]
-    assert records.read_uploads(run_dir(tiny)) == {"pending": [], "uploaded": steps}
+    assert records.read_uploads(run_dir(tiny)) == {"pending": [], "uploaded": steps, "untagged": []}
 
 
 def test_the_token_goes_to_the_hub_only_and_is_never_printed(tiny, hub):
@@ -287,7 +360,7 @@ def test_steps_left_pending_by_an_earlier_run_are_uploaded_first(hub, tmp_path, 
         hub_uploader.close()
     assert "steps [3, 6], left pending by an earlier run, are queued first" in caplog.text
     assert branch_titles() == [title for s in (3, 6, 9) for title in titles_of(s)[:-1]]  # no logs in fake_run
-    assert records.read_uploads(run) == {"pending": [], "uploaded": [3, 6, 9]}
+    assert records.read_uploads(run) == {"pending": [], "uploaded": [3, 6, 9], "untagged": []}
 
 
 def test_a_hub_out_of_reach_is_logged_once_per_checkpoint_and_leaves_it_pending(
@@ -305,7 +378,7 @@ def test_a_hub_out_of_reach_is_logged_once_per_checkpoint_and_leaves_it_pending(
     failures = upload_failures(caplog.text)
     assert sorted(failures) == [3, 6]
     assert all("ConnectError" in line and "stays pending" in line for line in failures.values())
-    assert records.read_uploads(tmp_path / "run") == {"pending": [3, 6], "uploaded": []}
+    assert records.read_uploads(tmp_path / "run") == {"pending": [3, 6], "uploaded": [], "untagged": []}
 
 
 def test_close_waits_a_bounded_time_and_leaves_the_rest_pending(hub, tmp_path, caplog):
