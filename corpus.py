@@ -88,12 +88,12 @@ def text_tokenizer(name: str, eod: str | None = None) -> TextTokenizer:
     files, revision = data.tokenizer_source(name, key="--tokenizer")
     if "tokenizer.json" not in files:
         raise data.DataError(f"--tokenizer {name}: has no tokenizer.json; expected 'bytes', a tokenizer.json "
-                        f"or a Hub model repo that has one")
+                             f"or a Hub model repo that has one")
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise data.DataError(f"--tokenizer {name}: needs the tokenizers package (pip install tokenizers); "
-                        f"the byte tokenizer needs none") from None
+                             f"the byte tokenizer needs none") from None
     text = files["tokenizer.json"].decode()
     try:
         tokenizer = Tokenizer.from_str(text)
@@ -111,8 +111,8 @@ def text_tokenizer(name: str, eod: str | None = None) -> TextTokenizer:
         eod_id = next((i for i in ids if i is not None), None)
         if eod_id is None:
             raise data.DataError(f"--tokenizer {name}: names no end-of-text token (no eos_token in a "
-                            f"tokenizer_config.json, none of {', '.join(END_OF_TEXT_TOKENS)}); give one "
-                            f"with --eod")
+                                 f"tokenizer_config.json, none of {', '.join(END_OF_TEXT_TOKENS)}); give one "
+                                 f"with --eod")
     revision = revision or hashlib.sha256(files["tokenizer.json"]).hexdigest()
     return TextTokenizer(name, eod_id, vocab_size, text, revision)
 
@@ -143,7 +143,7 @@ def corpus_inputs(names: list[str], hub_files: list[str] | None = None) -> list[
                 fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern) for pattern in patterns))
             if not files:
                 raise data.DataError(f"{name}: dataset repo {repo_id} holds no files matching "
-                                f"{' '.join(patterns)}; expected text, JSONL or Parquet (--hub-files)")
+                                     f"{' '.join(patterns)}; expected text, JSONL or Parquet (--hub-files)")
             inputs.append(CorpusInput(name, files, folder, folder.name))
         else:
             raise data.DataError(f"{name}: no such file or folder, nor a Hub dataset repo (namespace/name[@revision])")
@@ -227,7 +227,7 @@ def check_jsonl(path: Path, text_field: str) -> int:
             if not isinstance(text, str):
                 has = f"has {', '.join(record)}" if isinstance(record, dict) else "is not an object"
                 raise data.DataError(f"{path}: line {n} has no text field {text_field!r} ({has}); expected a "
-                                f"string there (--text-field)")
+                                     f"string there (--text-field)")
             chars += len(text)
     return chars
 
@@ -240,7 +240,7 @@ def check_parquet(path: Path, text_field: str) -> int:
         raise data.DataError(f"{path}: not a readable Parquet file ({e})") from None
     if text_field not in schema.names:
         raise data.DataError(f"{path}: no column {text_field!r} (has {', '.join(schema.names)}); expected a "
-                        f"text column (--text-field)")
+                             f"text column (--text-field)")
     kind = schema.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise data.DataError(f"{path}: column {text_field!r} has type {kind}; expected strings")
@@ -491,12 +491,12 @@ def build_corpus(inputs: list[CorpusInput], tokenizer: TextTokenizer, seq_len: i
         if held_out_rows:
             if splits["train"].rows < 2 * held_out_rows:
                 raise data.DataError(f"{key}={seq_len} leaves only {splits['train'].rows} rows of {inputs[0].name}; "
-                                f"expected at least {2 * held_out_rows}")
+                                     f"expected at least {2 * held_out_rows}")
             rows["val"] = splits["train"]
             order["train"], order["val"] = order["train"][held_out_rows:], order["train"][:held_out_rows]
         if not order["train"].size:
             raise data.DataError(f"{key}={seq_len}: the inputs give {splits['train'].tokens:,} training tokens, "
-                            f"not one row of {row_len}; expected more text or a shorter {key}")
+                                 f"not one row of {row_len}; expected more text or a shorter {key}")
         (work / "data").mkdir()
         progress = Progress("writing shards", sum(map(len, order.values())), "rows", 1, visible=show)
         shards = {split: write_split(rows[split], order[split], work / "data", split, progress) for split in order}
@@ -562,7 +562,7 @@ def check_push_target(repo: str):
         raise data.DataError(data.without_token(f"--push-to {repo}: {data.hub_failure(e)}")) from None
     if held:
         raise data.DataError(f"--push-to {repo}: holds shards already ({held[0]}); expected a new or empty "
-                        f"dataset repo")
+                             f"dataset repo")
 
 
 def push_corpus(out: Path, repo: str):
@@ -574,5 +574,5 @@ def push_corpus(out: Path, repo: str):
                                 commit_message=f"A corpus made by pico's data.py tokenize ({data.CORPUS_RECORD})")
     except Exception as e:
         raise data.DataError(data.without_token(f"--push-to {repo}: {data.hub_failure(e)}; the corpus is whole in {out}: "
-                                      f"upload it with `hf upload {repo} {out} --repo-type dataset`")) from None
+                                           f"upload it with `hf upload {repo} {out} --repo-type dataset`")) from None
     print(f"pushed to {url}")
