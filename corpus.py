@@ -49,7 +49,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 import data
 
-CHUNK_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 18  # a worker's share of work: small enough that all are busy to the end
 HUB_TEXT_FILES = ["*.txt", "*.txt.gz", "*.jsonl", "*.jsonl.gz", "*.json", "*.json.gz", "*.parquet"]
 END_OF_TEXT_TOKENS = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]  # GPT-2's and OLMo's, Llama's...
 
