@@ -206,7 +206,8 @@ def check_text(path: Path, lines: bool) -> int:
                 at = read - pending + e.start
                 line = newlines + (block[:max(e.start - pending, 0)]).count(b"\n") + 1
                 raise data.DataError(f"{path}: byte {at} (line {line}) is not UTF-8; expected UTF-8 text") from None
-            chars += len(text.strip("\r\n")) if lines else len(text)  # --lines: blank lines are no text
+            # --lines: the characters of the lines, without their endings (a file of blank lines has none)
+            chars += len(text) - (text.count("\n") + text.count("\r") if lines else 0)
             read, newlines = read + len(block), newlines + block.count(b"\n")
             if not block:
                 return chars
@@ -494,9 +495,10 @@ def build_corpus(inputs: list[CorpusInput], tokenizer: TextTokenizer, seq_len: i
                                      f"expected at least {2 * held_out_rows}")
             rows["val"] = splits["train"]
             order["train"], order["val"] = order["train"][held_out_rows:], order["train"][:held_out_rows]
-        if not order["train"].size:
-            raise data.DataError(f"{key}={seq_len}: the inputs give {splits['train'].tokens:,} training tokens, "
-                                 f"not one row of {row_len}; expected more text or a shorter {key}")
+        if not sum(map(len, order.values())):  # (an all-val corpus is one to evaluate on)
+            tokens = sum(packed.tokens for packed in splits.values())
+            raise data.DataError(f"{key}={seq_len}: the inputs give {tokens:,} tokens, not one row of "
+                                 f"{row_len}; expected more text or a shorter {key}")
         (work / "data").mkdir()
         progress = Progress("writing shards", sum(map(len, order.values())), "rows", 1, visible=show)
         shards = {split: write_split(rows[split], order[split], work / "data", split, progress) for split in order}

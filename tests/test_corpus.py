@@ -196,6 +196,14 @@ def bad_inputs(tmp_path: Path) -> dict:
             "missing": (["nowhere.txt"], "nowhere.txt: no such file or folder")}
 
 
+def test_too_little_text_for_one_row_is_one_line_and_nothing_is_written(tmp_path):
+    (tmp_path / "short.txt").write_text("hello")
+    with pytest.raises(data.DataError, match=f"^--seq-len={SEQ}: the inputs give 6 tokens, not one row of "
+                       f"{SEQ + 1}; expected more text or a shorter --seq-len$"):
+        tokenize(tmp_path / "short.txt", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 @pytest.mark.parametrize("bad", ["empty file", "undecodable bytes", "no text field", "no text column", "not JSON",
                                  "missing"])
 def test_a_bad_input_is_one_line_naming_it_and_nothing_is_written(tmp_path, bad):
