@@ -254,7 +254,8 @@ def check_parquet(path: Path, text_field: str) -> int:
         try:
             column.validate(full=True)
         except pa.ArrowInvalid:
-            raise data.DataError(f"{path}: column {text_field!r} holds bytes that are not UTF-8; expected text") from None
+            raise data.DataError(f"{path}: column {text_field!r} holds bytes that are not UTF-8; "
+                                 f"expected text") from None
         chars += pc.sum(pc.utf8_length(column)).as_py() or 0
         first += len(column)
     return chars
@@ -404,8 +405,9 @@ def write_split(rows: RowFile, order: np.ndarray, directory: Path, split: str, p
     for s in range(n_shards):
         with pq.ParquetWriter(directory / f"{split}-{s:05d}-of-{n_shards:05d}.parquet",
                               data.shard_table(np.empty((0, rows.row_len))).schema) as writer:
-            for g in range(s * data.ROWS_PER_SHARD, min((s + 1) * data.ROWS_PER_SHARD, len(order)), data.ROWS_PER_ROW_GROUP):
-                group = order[g:min(g + data.ROWS_PER_ROW_GROUP, (s + 1) * data.ROWS_PER_SHARD)]
+            shard = order[s * data.ROWS_PER_SHARD:(s + 1) * data.ROWS_PER_SHARD]
+            for g in range(0, len(shard), data.ROWS_PER_ROW_GROUP):
+                group = shard[g:g + data.ROWS_PER_ROW_GROUP]
                 writer.write_table(data.shard_table(rows.read(group)), row_group_size=data.ROWS_PER_ROW_GROUP)
                 progress.update(len(group))
     return n_shards
@@ -462,7 +464,8 @@ def build_corpus(inputs: list[CorpusInput], tokenizer: TextTokenizer, seq_len: i
     instead the first rows of the shuffled rows (the embedded corpus's, which predates this
     command). key: the setting that gave seq_len, for errors. Returns the record."""
     check_out(out)
-    progress = Progress("checking the inputs", sum(p.stat().st_size for item in inputs for p in item.files), visible=show)
+    size = sum(path.stat().st_size for item in inputs for path in item.files)
+    progress = Progress("checking the inputs", size, visible=show)
     checked = [check_input(item, lines, text_field, progress) for item in inputs]
     progress.close()
     work = out.parent / f".{out.name}.{os.getpid()}.tmp"  # each process of a torchrun job its own
@@ -575,6 +578,7 @@ def push_corpus(out: Path, repo: str):
         url = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=out,
                                 commit_message=f"A corpus made by pico's data.py tokenize ({data.CORPUS_RECORD})")
     except Exception as e:
-        raise data.DataError(data.without_token(f"--push-to {repo}: {data.hub_failure(e)}; the corpus is whole in {out}: "
-                                           f"upload it with `hf upload {repo} {out} --repo-type dataset`")) from None
+        failure = data.without_token(data.hub_failure(e))
+        raise data.DataError(f"--push-to {repo}: {failure}; the corpus is whole in {out}: upload it with "
+                             f"`hf upload {repo} {out} --repo-type dataset`") from None
     print(f"pushed to {url}")

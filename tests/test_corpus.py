@@ -289,6 +289,16 @@ def test_evaluating_on_a_split_the_corpus_does_not_have_is_an_error(tmp_path):
         data.load_eval_set(str(out), "val", SEQ + 1, data.BYTE_VOCAB_SIZE)
 
 
+def test_a_corpus_all_held_out_is_one_to_evaluate_on_not_to_train_on(tmp_path):
+    texts = documents(50)
+    out = tokenize(write_jsonl(tmp_path / "docs.jsonl", texts), "--val-fraction", 1, "--no-shuffle",
+                   out=tmp_path / "out")
+    val = data.load_eval_set(str(out), "val", SEQ + 1, data.BYTE_VOCAB_SIZE)
+    np.testing.assert_array_equal(np.stack(val), packed(texts, "bytes"))
+    with pytest.raises(data.DataError, match="no files of split 'train'"):
+        data.open_dataset(str(out), SEQ + 1, data.BYTE_VOCAB_SIZE)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Hub: a dataset repo in, a dataset repo out
 # ---------------------------------------------------------------------------------------------
@@ -311,3 +321,19 @@ def test_a_hub_dataset_in_and_the_corpus_pushed_to_the_hub_trains_on_its_train_s
     np.testing.assert_array_equal(np.stack(val), rows(out, "val"))
     with pytest.raises(data.DataError, match="--push-to someone/corpus: holds shards already"):
         tokenize("someone/text", "--push-to", "someone/corpus", out=tmp_path / "again")
+
+
+def test_a_hub_dataset_read_once_is_read_again_offline_from_the_cache(tmp_path, hub, monkeypatch):
+    from hub_server import point_huggingface_hub_at
+
+    repo = tmp_path / "text-repo"
+    repo.mkdir()
+    write_jsonl(repo / "docs.jsonl", documents(40))
+    hub.add_repo("someone/text", repo)
+    online = tokenize("someone/text", out=tmp_path / "online")
+    hub.log.clear()
+    point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf-cache", offline=True)
+    offline = tokenize("someone/text", out=tmp_path / "offline")
+    assert hub.log == []
+    assert [p.read_bytes() for p in sorted(online.rglob("*.parquet"))] == \
+        [p.read_bytes() for p in sorted(offline.rglob("*.parquet"))]
