@@ -12,8 +12,9 @@ ranks' blocks concatenated in rank order are the global batch in data order (how
 
 The shards come from a local directory or a dataset repo on the Hugging Face Hub (`HubShards`:
 downloaded one at a time, the next in the background, at most a few kept on disk). Also here:
-the offline demo's embedded corpus (`python data.py prepare-local`), and `python data.py verify
-PATH_OR_REPO`, which checks every shard and counts rows and tokens.
+the offline demo's embedded corpus (`python data.py prepare-local`), `python data.py verify
+PATH_OR_REPO`, which checks every shard and counts rows and tokens, and the command line of
+`python data.py tokenize`, which makes a corpus of shards from text (corpus.py).
 """
 
 import argparse
