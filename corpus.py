@@ -25,6 +25,7 @@ tokenizer reads a long one in pieces). Disk: the temporary rows, 4 bytes a token
 
 import codecs
 import collections
+import concurrent.futures
 import dataclasses
 import fnmatch
 import gzip
@@ -335,23 +336,32 @@ def encode_texts(pieces: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray
 
 def encoded_chunks(chunks, tokenizer: TextTokenizer, workers: int):
     """(chunk, its ids, each piece's count of ids) in input order. A tokenizer.json encodes in
-    `workers` processes (forked: no second import of this module's torch), each chunk's result
-    taken back in order, at most 2 chunks per worker in flight. The byte tokenizer's encoding is
-    a copy: in this process."""
+    `workers` processes (forked, so that they do not import torch again as data.py does), each
+    chunk's result taken back in order, at most 2 chunks per worker in flight. The byte
+    tokenizer's encoding is a copy: in this process."""
     if tokenizer.json is None:
         yield from ((chunk, *encode_bytes(chunk)) for chunk in chunks)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(workers, start_encoder, (tokenizer.json, tokenizer.eod_id)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, context, start_encoder,
+                                                (tokenizer.json, tokenizer.eod_id)) as pool:
         in_flight = collections.deque()
-        for chunk in chunks:
-            in_flight.append((chunk, pool.apply_async(encode_texts, (chunk,))))
-            if len(in_flight) >= 2 * workers:
-                chunk, result = in_flight.popleft()
-                yield chunk, *result.get()
-        while in_flight:
+
+        def oldest():
             chunk, result = in_flight.popleft()
-            yield chunk, *result.get()
+            return chunk, *result.result()
+        try:
+            for chunk in chunks:
+                in_flight.append((chunk, pool.submit(encode_texts, chunk)))
+                if len(in_flight) >= 2 * workers:
+                    yield oldest()
+            while in_flight:
+                yield oldest()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise data.DataError(f"--workers {workers}: a worker process ended abruptly (killed for want of "
+                                 f"memory?); nothing was written") from None
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def chunked(pieces, chars: int):

@@ -3,6 +3,7 @@ repo in; pre-tokenized shards out, as pico-train packs its data, checked here ag
 independent tokenization of the same documents."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,6 +139,14 @@ def test_documents_are_held_out_whole_and_each_split_is_packed_on_its_own(tmp_pa
     assert record["splits"]["val"]["documents"] + record["splits"]["train"]["documents"] == len(texts)
 
 
+def test_many_chunks_in_flight_come_back_whole_and_in_order(tmp_path, bpe, monkeypatch):
+    texts = documents(300)
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 97)  # a chunk of a document or two: many of them
+    out = tokenize(write_jsonl(tmp_path / "docs.jsonl", texts), "--no-shuffle", "--val-fraction", 0,
+                   "--workers", 2, out=tmp_path / "out", tokenizer=bpe)
+    np.testing.assert_array_equal(rows(out, "train"), packed(texts, bpe))
+
+
 def test_the_bytes_are_the_same_with_one_worker_or_two_and_whatever_the_chunks(tmp_path, bpe, monkeypatch):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(400))
     one = tokenize(source, "--workers", 1, out=tmp_path / "one", tokenizer=bpe)
@@ -212,6 +221,18 @@ def test_a_bad_input_is_one_line_naming_it_and_nothing_is_written(tmp_path, bad)
     with pytest.raises(data.DataError, match="^[^\n]*$") as error:
         tokenize(good, *[tmp_path / name for name in names], out=tmp_path / "out")
     assert message in str(error.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def killed(pieces):
+    os._exit(9)  # as a worker the kernel ends for want of memory
+
+
+def test_a_worker_that_dies_is_one_line_and_nothing_is_written(tmp_path, bpe, monkeypatch):
+    monkeypatch.setattr(corpus, "encode_texts", killed)
+    with pytest.raises(data.DataError, match="^--workers 2: a worker process ended abruptly"):
+        tokenize(write_jsonl(tmp_path / "docs.jsonl", documents(20)), "--workers", 2, out=tmp_path / "out",
+                 tokenizer=bpe)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
