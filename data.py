@@ -552,19 +552,26 @@ def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_ca
     return ParquetShards(shard_order(files, order_seed), row_len, vocab_size, order_seed=order_seed)
 
 
+def corpus_record(directory: Path) -> dict | None:
+    """The record of a corpus made by `data.py tokenize` (corpus.json, in the directory or the one
+    above its data/), if it has one: what made its ids."""
+    for path in (directory / CORPUS_RECORD, directory.parent / CORPUS_RECORD):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            if isinstance(record, dict) and isinstance(record.get("tokenizer"), dict):
+                return {**record, "path": str(path)}
+    return None
+
+
 def check_vocabulary(directory: Path, vocab_size: int):
-    """A corpus made by `data.py tokenize` names its tokenizer in its record (corpus.json, in the
-    directory or the one above its data/): a tokenizer whose ids reach model.vocab_size is refused
-    before any row is read. (Each row read is checked too, naming only the shard.)"""
-    for record in (directory / CORPUS_RECORD, directory.parent / CORPUS_RECORD):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            tokenizer = json.loads(record.read_text())["tokenizer"]
-            if tokenizer["vocab_size"] > vocab_size:
-                raise DataError(f"model.vocab_size={vocab_size}: the corpus {directory} was tokenized with "
-                                f"{tokenizer['name']!r} ({record}), whose ids go up to "
-                                f"{tokenizer['vocab_size'] - 1}; expected model.vocab_size >= "
-                                f"{tokenizer['vocab_size']}")
-            return
+    """A tokenizer whose ids reach model.vocab_size is refused before any row is read, naming it,
+    where the corpus has a record. (Each row read is checked too, naming only its shard.)"""
+    record = corpus_record(directory)
+    if record and record["tokenizer"].get("vocab_size", 0) > vocab_size:
+        tokenizer = record["tokenizer"]
+        raise DataError(f"model.vocab_size={vocab_size}: the corpus {directory} was tokenized with "
+                        f"{tokenizer.get('name')!r} ({record['path']}), whose ids go up to "
+                        f"{tokenizer['vocab_size'] - 1}; expected model.vocab_size >= {tokenizer['vocab_size']}")
 
 
 def read_rows(path: Path, max_row_len: int, vocab_size: int, name: str | None = None) -> tuple:
@@ -819,7 +826,11 @@ def print_batch(config_path: str, overrides: list[str], step: int, out: str | No
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
     rows = open_dataset(config.data.dataset.name, seq_len + 1, config.model.vocab_size, config.data.seed,
                         order_seed=config.data.order_seed).read(start, count)
-    decode = row_text(config.data.tokenizer.name, seq_len)
+    # the ids' own tokenizer where the corpus records it, else the one the run names
+    name = config.data.dataset.name
+    record = corpus_record(prepare_local(seq_len, config.data.seed) if name == EMBEDDED_CORPUS else Path(name))
+    decode = (record and row_text(record["tokenizer"].get("name"), seq_len)) or row_text(
+        config.data.tokenizer.name, seq_len)
     print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
           f"{count} x {seq_len + 1} tokens")
     if out is None:
