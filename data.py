@@ -912,12 +912,12 @@ def main(argv=None):
     text.add_argument("--lines", action="store_true", help="a document per line of a text file (blank "
                       "lines are none), not per file")
     text.add_argument("--text-field", default="text", help="JSONL's field, Parquet's column of the text")
-    text.add_argument("--hub-files", nargs="+", metavar="GLOB", help="a Hub repo's files to read (default: "
-                      f"{' '.join(corpus.HUB_TEXT_FILES)})")
+    text.add_argument("--hub-files", action="append", metavar="GLOB", help="a Hub repo's files to read, "
+                      f"once per pattern (default: {' '.join(corpus.HUB_TEXT_FILES)})")
     text.add_argument("--eod", help="the end-of-text token or id (default: the tokenizer's eos_token, else "
                       f"{' or '.join(corpus.END_OF_TEXT_TOKENS)})")
     text.add_argument("--val-fraction", type=float, default=0.01,
-                      help="the share of documents held out in val-*, chosen by --seed")
+                      help="the share of documents held out in val-*, chosen by --seed (default 0.01)")
     text.add_argument("--seed", type=int, default=0, help="the held-out documents and the row shuffle")
     text.add_argument("--no-shuffle", action="store_true", help="rows in input order (a curriculum)")
     text.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(
