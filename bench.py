@@ -25,6 +25,14 @@ Scaling across processes: pico's training step with each process on its own batc
 wrapper, then in all N processes under DDP or FSDP as train.py sets them up, in the same run.
 efficiency = tokens/s of the N processes / (N x tokens/s of the one).
 
+    python bench.py --tokenize [--text-mb 8] [--rounds 3] [--memory-mb 64] [--tokenizer NAME]
+
+`data.py tokenize` (corpus.py) against the `tokenizers` library's own encode_batch of the same
+documents (JSONL of this Python's standard library, pieces of modules) on the same cores,
+interleaved: tokens/s of the whole command (check, tokenize in one worker per core, pack, shuffle,
+write the shards) over those of encode_batch alone. Then the peak memory of the command on
+--memory-mb of text and on 4 times as much, with the byte tokenizer and with the tokenizer.
+
     python bench.py --layer-stats [--model small] [--batch-size 4] [--seq-len 256]
 
 The cost of monitoring.logging.layer_stats on a logging step: pico's training step with and
@@ -101,6 +109,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import json
 import os
 import platform
 import re
@@ -108,6 +117,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -285,6 +295,111 @@ def bench_data(steps: int, rows_per_shard: int = 4096, global_batch: int = 1024,
     print("| source | tokens/s |\n|---|---:|")
     for source, tokens_per_s in results:
         print(f"| {source} | {tokens_per_s:,.0f} |")
+
+
+def bench_text(path: Path, megabytes: float, seed: int = 0) -> list[str]:
+    """JSONL of about `megabytes` of documents (path) made of this Python's standard library: each
+    document a module's lines, cut at random line breaks into pieces of 1 to 200 lines (about the
+    length of a web page), in random order. Returns the documents."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    lines = [line for p in sorted(root.rglob("*.py"))[:400] for line in p.read_text(errors="replace").split("\n")]
+    rng, texts, size = np.random.default_rng(seed), [], 0
+    while size < megabytes * 1e6:
+        start = int(rng.integers(len(lines)))
+        texts.append("\n".join(lines[start:start + int(rng.integers(1, 200))]))
+        size += len(texts[-1]) + 1
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return texts
+
+
+def peak_memory_mb(command: list[str]) -> float:
+    """The peak memory of a command and the processes it starts, sampled every 20 ms: the sum of
+    their proportional set sizes (Linux's Pss: a page that n processes share counts 1/n in each,
+    so forked workers are not counted n times over, as their resident sizes would be)."""
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    peak = 0
+    while process.poll() is None:
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        tree, grown = {process.pid}, True
+        while grown:
+            grown = {pid for pid, parent in parents.items() if parent in tree} - tree
+            tree |= grown
+        total = 0
+        for pid in tree:
+            with contextlib.suppress(OSError, StopIteration, ValueError):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                total += int(next(line for line in rollup if line.startswith("Pss:")).split()[1])
+        peak = max(peak, total)
+        time.sleep(0.02)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
+    return peak / 1024
+
+
+def bench_tokenize(args):
+    """`data.py tokenize` (corpus.build_corpus, in this process: every pass, writing the shards too)
+    against the `tokenizers` library's own encode_batch of the same documents on the same cores,
+    interleaved; then the peak memory of the command (peak_memory_mb) on inputs of two sizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import corpus
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # encode_batch on every core (corpus's workers use one each)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        texts = bench_text(tmp / "text.jsonl", args.text_mb)
+        if args.tokenizer:
+            name = args.tokenizer
+        else:  # a byte-level BPE of 32,000 ids trained here: no download
+            bpe = Tokenizer(models.BPE())
+            bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+            bpe.train_from_iterator(texts[:2000], trainers.BpeTrainer(
+                vocab_size=32000, special_tokens=["<|endoftext|>"], show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            bpe.save(str(tmp / "tokenizer.json"))
+            name = str(tmp / "tokenizer.json")
+        tokenizer = corpus.text_tokenizer(name)
+        reference, inputs = Tokenizer.from_str(tokenizer.json), corpus.corpus_inputs([str(tmp / "text.jsonl")])
+        tokens = sum(len(encoding.ids) + 1 for encoding in reference.encode_batch(texts[:200]))  # warm-up
+        times = {"pico": [], "tokenizers": []}
+        for r in range(args.rounds):
+            for run in (["tokenizers", "pico"] if r % 2 == 0 else ["pico", "tokenizers"]):
+                started = time.perf_counter()
+                if run == "pico":
+                    record = corpus.build_corpus(inputs, tokenizer, 2048, tmp / f"corpus-{r}", workers=cores,
+                                                 show=False)
+                else:
+                    tokens = sum(len(encoding.ids) + 1 for encoding in reference.encode_batch(texts))
+                times[run].append(time.perf_counter() - started)
+        assert record["splits"]["train"]["rows"] > 0
+        speed = {run: tokens / statistics.median(seconds) for run, seconds in times.items()}
+        print(f"\nMachine: {machine(torch.device('cpu'))}, {cores} cores. {len(texts):,} documents, "
+              f"{args.text_mb:g} MB of text, {tokens:,} tokens with {name} ({tokenizer.vocab_size:,} ids); "
+              f"median of {args.rounds} interleaved rounds.\n")
+        print("| run | tokens/s | ratio |\n|---|---:|---:|")
+        print(f"| tokenizers' encode_batch, {cores} threads | {speed['tokenizers']:,.0f} | 1 |")
+        print(f"| data.py tokenize, {cores} workers: read, check, tokenize, pack, shuffle, write | "
+              f"{speed['pico']:,.0f} | {speed['pico'] / speed['tokenizers']:.2f} |")
+
+        rows = []
+        for scale in (1, 4) if args.memory_mb else ():  # memory: the command on a text 4 times larger
+            source, out = tmp / f"memory-{scale}.jsonl", tmp / f"memory-corpus-{scale}"
+            bench_text(source, scale * args.memory_mb, seed=scale)
+            for name, workers in (("bytes", 1), (str(tmp / "tokenizer.json") if not args.tokenizer else name, cores)):
+                command = [sys.executable, "data.py", "tokenize", str(source), "--tokenizer", name, "--seq-len",
+                           "2048", "--out", str(out / name.replace("/", "-")), "--workers", str(workers)]
+                rows.append(f"| {source.stat().st_size / 1e6:,.0f} MB | {Path(name).name} | {workers} | "
+                            f"{peak_memory_mb(command):,.0f} MB |")
+        if rows:
+            print("\nPeak memory of `python data.py tokenize` and its workers (the sum of their Pss), seq_len "
+                  "2048:\n")
+            print("| JSONL | tokenizer | workers | peak memory |\n|---:|---|---:|---:|")
+            print("\n".join(rows))
 
 
 def bench_layer_stats(args, device: torch.device):
@@ -919,6 +1034,13 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="tiny and small, eager and compiled")
     parser.add_argument("--data", action="store_true", help="the data path's tokens/s instead")
     parser.add_argument("--data-steps", type=int, default=32, help="global batches read by --data")
+    parser.add_argument("--tokenize", action="store_true",
+                        help="data.py tokenize's tokens/s against tokenizers' encode_batch, and its memory")
+    parser.add_argument("--text-mb", type=float, default=8, help="--tokenize: MB of text timed")
+    parser.add_argument("--memory-mb", type=float, default=64, help="--tokenize: MB of text whose memory is "
+                        "measured, then 4 times as much (0: none)")
+    parser.add_argument("--tokenizer", help="--tokenize: a tokenizer.json or Hub model repo (default: a BPE "
+                        "of 32,000 ids trained on the text)")
     parser.add_argument("--val-rows", type=int,
                         help="evaluation rows: --measure 64; --train the suite's evaluation set, of which "
                              f"one GPU takes 1/{SUITE_GPUS} ({SUITE_EVAL_ROWS:,} rows unless given)")
@@ -973,6 +1095,8 @@ def main() -> None:
         return bench_scaling(args)
     if args.data:
         return bench_data(args.data_steps)
+    if args.tokenize:
+        return bench_tokenize(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -50,7 +50,8 @@ class DataLoaderConfig:
 
 @dataclass(slots=True)
 class TokenizerConfig:
-    # What made the ids (a Hub model repo, or "bytes"): saved with every checkpoint; None: none
+    # What made the ids (a Hub model repo, a tokenizer.json or its folder, or "bytes"): saved with
+    # every checkpoint; None: none
     name: str | None = "allenai/OLMo-7B-0724-hf"
     vocab_size: Positive = 50304
 

@@ -12,8 +12,9 @@ ranks' blocks concatenated in rank order are the global batch in data order (how
 
 The shards come from a local directory or a dataset repo on the Hugging Face Hub (`HubShards`:
 downloaded one at a time, the next in the background, at most a few kept on disk). Also here:
-the offline demo's embedded corpus (`python data.py prepare-local`), and `python data.py verify
-PATH_OR_REPO`, which checks every shard and counts rows and tokens.
+the offline demo's embedded corpus (`python data.py prepare-local`), `python data.py verify
+PATH_OR_REPO`, which checks every shard and counts rows and tokens, and the command line of
+`python data.py tokenize`, which makes a corpus of shards from text (corpus.py).
 
 Core, on the reading path (README): this opening and rank_rows. The rest is machinery that
 serves them: reading shards (local, from the Hub), the evaluation sets, the demo's corpus.
@@ -28,7 +29,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import sys
 import sysconfig
 import threading
@@ -56,6 +56,7 @@ EMBEDDED_CORPUS = "builtin:stdlib-bytes"
 EOD_ID = 256  # end of document, after the 256 byte values
 BYTE_VOCAB_SIZE = 257
 CORPUS_ROOT = Path(__file__).resolve().parent / "corpora"
+CORPUS_RECORD = "corpus.json"  # beside a corpus's data/: what made it (corpus.py)
 VAL_ROWS = 512
 ROWS_PER_SHARD = 8192
 ROWS_PER_ROW_GROUP = 1024
@@ -263,7 +264,7 @@ class HubShards:
 
     def __init__(self, repo_id: str, revision: str, row_len: int | None, vocab_size: int,
                  max_cached_shards: int = 2, key: str = "data.dataset.name", shared: bool = False,
-                 order_seed: int = 0):
+                 order_seed: int = 0, split: str | None = None):
         self.key = key  # the config key that named the repo, for error messages
         self.repo_id, self.revision, self.row_len, self.vocab_size = repo_id, revision, row_len, vocab_size
         self.max_cached_shards, self.shared = max_cached_shards, shared
@@ -275,9 +276,9 @@ class HubShards:
             repo_id=repo_id, repo_type="dataset")
         self.snapshot = storage / "snapshots" / self.sha  # where hf_hub_download puts the files
         self.own_files = storage / "pico-shards"  # this reader's: the commit's index, probe rows
-        index = self._index(self.own_files / f"{self.sha}.json")
-        self.files, self.rows_per_shard = shard_order(index["files"], order_seed), index["rows_per_shard"]
-        self.first_file, self.order_seed = index["files"][0], order_seed  # R was read from the first
+        files, self.rows_per_shard = self._index(self.own_files / f"{self.sha}.json", split)
+        self.files = shard_order(files, order_seed)
+        self.first_file, self.order_seed = files[0], order_seed  # R was read from the first
         if self.rows_per_shard < 1:
             raise DataError(f"{self.url(self.first_file)}: no rows; expected pre-tokenized rows")
         self.num_rows = self.rows_per_shard * len(self.files)  # until the last shard is opened
@@ -292,28 +293,36 @@ class HubShards:
     def _hub(self, what: str, call):
         return hub_request(what, call, self.key, self.repo_id, self.revision, "Parquet shards")
 
-    def _index(self, path: Path) -> dict:
-        """The commit's shards and R (the first shard's row count), cached at `path` for good (a commit
-        never changes), also offline. HfFileSystem's listing caches the sizes, so pyarrow reads the
-        footer by HTTP range requests (64 KB), with no download."""
+    def _index(self, path: Path, split: str | None) -> tuple[list[str], int]:
+        """The commit's shards (of `split`, split_files, unless None) and R (the first one's row count),
+        from an index cached at `path` for good (a commit never changes), also offline: the listing
+        and the row counts of the first shards asked for. HfFileSystem's listing caches the sizes,
+        so pyarrow reads a footer by HTTP range requests (64 KB), with no download."""
+        index = {}
         with contextlib.suppress(OSError, ValueError):
-            return json.loads(path.read_text())
+            index = json.loads(path.read_text())
+        rows = index.setdefault("rows", {})
+        if "rows_per_shard" in index:  # an index written before splits were read: its first shard's
+            rows.setdefault(index["files"][0], index.pop("rows_per_shard"))
         fs = HfFileSystem(skip_instance_cache=True, block_size=1 << 16)  # cached ones keep old listings
         root = f"datasets/{self.repo_id}@{self.sha}"
-        listing = self._hub("list the files", lambda: fs.find(root))
-        files = sorted(name[len(root) + 1:] for name in listing if name.endswith(".parquet"))
-        if not files:
+        if "files" not in index:
+            listing = self._hub("list the files", lambda: fs.find(root))
+            index["files"] = sorted(name[len(root) + 1:] for name in listing if name.endswith(".parquet"))
+        if not index["files"]:
             raise DataError(f"{self.key}={self.name!r}: dataset repo {self.name} holds no "
                             f".parquet files; expected pre-tokenized Parquet shards")
-        meta = self._hub(f"read the footer of {files[0]}",
-                         lambda: read_footer(self.url(files[0]), f"{root}/{files[0]}", fs))
-        index = {"files": files, "rows_per_shard": meta.num_rows}
-        with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(index))
-            tmp.replace(path)
-        return index
+        files = index["files"] if split is None else split_files(index["files"], split, name=self.name)
+        if files[0] not in rows:
+            meta = self._hub(f"read the footer of {files[0]}",
+                             lambda: read_footer(self.url(files[0]), f"{root}/{files[0]}", fs))
+            rows[files[0]] = meta.num_rows
+            with contextlib.suppress(OSError):  # a read-only cache: the listing is asked for again next time
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(index))
+                tmp.replace(path)
+        return files, rows[files[0]]
 
     def _download(self, k: int) -> Path:
         return Path(self._hub(f"download {self.files[k]}", lambda: hf_hub_download(
@@ -544,14 +553,34 @@ def open_dataset(name: str, row_len: int, vocab_size: int, seed: int = 0, max_ca
     """The training shards named by data.dataset.name: a local directory, a Hub dataset repo
     (namespace/name[@revision]) or the embedded corpus; shared: HubShards read by one job's processes;
     key: the config key that named them, for errors."""
-    if name == EMBEDDED_CORPUS:
-        directory = prepare_local(row_len - 1, seed) / "train"
-    elif repo := hub_repo(name):
-        return HubShards(*repo, row_len, vocab_size, max_cached_shards, key, shared, order_seed)
-    else:
-        directory = Path(name)
-    return ParquetShards(shard_order(list_shards(directory, key), order_seed), row_len, vocab_size,
-                         order_seed=order_seed)
+    if repo := hub_repo(name):
+        return HubShards(*repo, row_len, vocab_size, max_cached_shards, key, shared, order_seed, split="train")
+    directory = prepare_local(row_len - 1, seed) if name == EMBEDDED_CORPUS else Path(name)
+    check_vocabulary(directory, vocab_size)
+    files = split_files(list_shards(directory, key), "train", directory, f"{key}={name!r}")
+    return ParquetShards(shard_order(files, order_seed), row_len, vocab_size, order_seed=order_seed)
+
+
+def corpus_record(directory: Path) -> dict | None:
+    """The record of a corpus made by `data.py tokenize` (corpus.json, in the directory or the one
+    above its data/), if it has one: what made its ids."""
+    for path in (directory / CORPUS_RECORD, directory.parent / CORPUS_RECORD):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            if isinstance(record, dict) and isinstance(record.get("tokenizer"), dict):
+                return {**record, "path": str(path)}
+    return None
+
+
+def check_vocabulary(directory: Path, vocab_size: int):
+    """A tokenizer whose ids reach model.vocab_size is refused before any row is read, naming it,
+    where the corpus has a record. (Each row read is checked too, naming only its shard.)"""
+    record = corpus_record(directory)
+    if record and record["tokenizer"].get("vocab_size", 0) > vocab_size:
+        tokenizer = record["tokenizer"]
+        raise DataError(f"model.vocab_size={vocab_size}: the corpus {directory} was tokenized with "
+                        f"{tokenizer.get('name')!r} ({record['path']}), whose ids go up to "
+                        f"{tokenizer['vocab_size'] - 1}; expected model.vocab_size >= {tokenizer['vocab_size']}")
 
 
 def training_rows(config, shared: bool = False) -> "ParquetShards | HubShards | Spliced":
@@ -648,6 +677,22 @@ def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, labels
 
 
+SPLITS = ("train", "val", "validation", "test", "dev")
+
+
+def split_files(files: list, split: str, root: Path | None = None, name: str = "") -> list:
+    """The files of `split` where a dataset names its splits (pico-lm's repos and `data.py tokenize`:
+    data/train-*.parquet beside data/val-*.parquet; or folders train/ and val/), else all of them:
+    training reads a corpus's train split only, evaluation its val split. Local files are named
+    relative to `root`; errors name the dataset by `name`."""
+    names = [Path(f).relative_to(root).as_posix() if root else f for f in files]
+    picked = [f for f, named in zip(files, names) if in_split(named, split)]
+    if not picked and any(in_split(named, other) for named in names for other in SPLITS):
+        raise DataError(f"{name or root}: no files of split {split!r} ({split}-*.parquet or a folder "
+                        f"{split}/) among {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    return picked or files
+
+
 def in_split(file: str, split: str) -> bool:
     """Whether a repo file belongs to `split`: a folder of that name, or a file name that starts
     with it (pico-lm's "data/val-00000-of-00001.parquet")."""
@@ -685,11 +730,11 @@ def hub_parquet_files(name: str, split: str | None, key: str) -> list[tuple[str,
 def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed: int = 0,
                   key: str = "evaluation.paloma.dataset_name"):
     """The fixed evaluation sequences: the embedded corpus's validation split, the `split` files of a
-    Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or the `split` subdirectory of a local directory
-    (else the directory itself). Rows of up to max_seq_len + 1 tokens, held in memory (a small set)."""
+    Hub dataset repo (pico-lm/pretokenized-paloma-tinsy), or of a local directory (split_files: else
+    all of its files). Rows of up to max_seq_len + 1 tokens, held in memory (a small set)."""
     if name == EMBEDDED_CORPUS:
-        directory = prepare_local(max_row_len - 1, seed) / "val"
-    elif repo := hub_repo(name):
+        name, split = str(prepare_local(max_row_len - 1, seed)), "val"  # whatever split was asked for
+    if repo := hub_repo(name):
         hub = HubShards(*repo, None, vocab_size, key=key)
         picked = [k for k, f in enumerate(hub.files) if not split or in_split(f, split)]
         if not picked:
@@ -697,9 +742,8 @@ def load_eval_set(name: str, split: str, max_row_len: int, vocab_size: int, seed
                             f"no .parquet files of it (files: {', '.join(hub.files[:5])})")
         return EvalRows([read_rows(hub._download(k), max_row_len, vocab_size, hub.url(hub.files[k]))
                          for k in picked])
-    else:
-        directory = Path(name) / split if (Path(name) / split).is_dir() else Path(name)
-    return EvalRows([read_rows(path, max_row_len, vocab_size) for path in list_shards(directory, key)])
+    files = split_files(list_shards(Path(name), key), split, Path(name), f"{key}={name!r}")
+    return EvalRows([read_rows(path, max_row_len, vocab_size) for path in files])
 
 
 class EvalSets:
@@ -716,49 +760,45 @@ class EvalSets:
         return self.read_sets[name, split]
 
 
-# The embedded corpus: the offline demo's data, built from this Python's standard library -------
+# The shards' format, and the embedded corpus: the offline demo's data --------------------------
+
+def shard_table(rows: np.ndarray) -> pa.Table:
+    """Rows [n, row_len] of ids as a table of pico's shards: the column input_ids, lists of int32."""
+    offsets = pa.array(np.arange(0, rows.size + 1, rows.shape[1], dtype=np.int32))
+    return pa.table({COLUMN: pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1).astype(np.int32)))})
+
 
 def write_shards(rows: np.ndarray, directory: Path):
+    """Rows [n, row_len] as shards XXXXX-of-YYYYY.parquet of ROWS_PER_SHARD rows in a new directory
+    (a dataset of rows made in memory, as tests make them)."""
     directory.mkdir(parents=True)
     n_shards = max(1, -(-len(rows) // ROWS_PER_SHARD))
     for s in range(n_shards):
-        part = rows[s * ROWS_PER_SHARD:(s + 1) * ROWS_PER_SHARD]
-        offsets = pa.array(np.arange(0, part.size + 1, rows.shape[1], dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(part.reshape(-1).astype(np.int32)))
-        pq.write_table(pa.table({COLUMN: column}), directory / f"{s:05d}-of-{n_shards:05d}.parquet",
-                       row_group_size=ROWS_PER_ROW_GROUP)
+        pq.write_table(shard_table(rows[s * ROWS_PER_SHARD:(s + 1) * ROWS_PER_SHARD]),
+                       directory / f"{s:05d}-of-{n_shards:05d}.parquet", row_group_size=ROWS_PER_ROW_GROUP)
 
 
 def prepare_local(seq_len: int, seed: int = 0) -> Path:
-    """Build (once) the embedded corpus for rows of seq_len + 1 tokens: train/ and val/ splits
-    of Parquet shards in the same format as pretokenized-dolma. Returns its directory."""
-    out = CORPUS_ROOT / f"stdlib-bytes-seq{seq_len}-seed{seed}"
+    """Build (once) the embedded corpus for rows of seq_len + 1 tokens, as `data.py tokenize` builds
+    a corpus (corpus.py): every .py file of this Python's standard library (no tests, no installed
+    packages), one document each, in sorted path order, so the corpus is the same each time it is
+    built on this install; the byte tokenizer; its val split VAL_ROWS rows. Returns its directory."""
+    import corpus  # which builds on this module
+
+    out = CORPUS_ROOT / "stdlib-bytes" / f"seq{seq_len}-seed{seed}"
     if out.is_dir():
         return out
-    # Every .py file of this Python's standard library (no tests, no installed packages), in sorted
-    # path order, so the corpus is the same each time it is built on this install. Documents end
-    # with EOD and are packed back to back; the partial last row is dropped.
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
     paths = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
-    tokens = np.concatenate([np.append(np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.int32), EOD_ID)
-                             for p in paths])
-    row_len = seq_len + 1
-    rows = tokens[:len(tokens) // row_len * row_len].reshape(-1, row_len)
-    # Shuffle rows once, as pretokenized-dolma was, so that file order is a good training order.
-    rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    if len(rows) < 2 * VAL_ROWS:
-        raise DataError(f"model.max_seq_len={seq_len} leaves only {len(rows)} rows of the "
-                        f"embedded corpus; expected at least {2 * VAL_ROWS}")
-    tmp = CORPUS_ROOT / f".{out.name}.{os.getpid()}.tmp"  # each process of a torchrun job its own
-    write_shards(rows[VAL_ROWS:], tmp / "train")
-    write_shards(rows[:VAL_ROWS], tmp / "val")
+    stdlib = corpus.CorpusInput(f"{root}: its .py files, no tests or installed packages", paths, root)
     try:
-        tmp.rename(out)  # atomic: a crash while writing never leaves a half corpus
-    except OSError:
-        if not out.is_dir():
+        corpus.build_corpus([stdlib], corpus.text_tokenizer("bytes"), seq_len, out, seed, held_out_rows=VAL_ROWS,
+                            show=False, key="model.max_seq_len")
+    except (DataError, OSError):
+        if not (out / CORPUS_RECORD).is_file():
             raise
-        shutil.rmtree(tmp)  # another process finished the same (deterministic) corpus first
+        # else another process of a torchrun job finished the same (deterministic) corpus first
     return out
 
 
@@ -775,20 +815,37 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def tokenizer_files(name: str, max_seq_len: int) -> dict[str, bytes]:
-    """The files of data.tokenizer.name, so that every checkpoint loads with AutoTokenizer: a Hub
-    model repo's (namespace/name[@revision]), downloaded once into the Hugging Face cache (so
-    HF_HUB_OFFLINE=1 reads them there); for "bytes", made here."""
+    """The files of data.tokenizer.name, so that every checkpoint loads with AutoTokenizer:
+    tokenizer_source's; for "bytes", made here."""
     if name == "bytes":
         return byte_tokenizer(max_seq_len)
-    repo_id, _, revision = name.partition("@")
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES))
-    except Exception as e:
-        raise DataError(f"data.tokenizer.name={name!r}: {without_token(hub_failure(e))}") from None
+    return tokenizer_source(name)[0]
+
+
+def tokenizer_source(name: str, key: str = "data.tokenizer.name") -> tuple[dict[str, bytes], str | None]:
+    """The files of a tokenizer (TOKENIZER_FILES) and its revision: a local tokenizer.json (with
+    the tokenizer_config.json beside it, if any) or a folder of them (revision None), or a Hub
+    model repo's (namespace/name[@revision], its commit), downloaded once into the Hugging Face
+    cache (so HF_HUB_OFFLINE=1 reads them there)."""
+    path, revision = Path(name), None
+    if path.is_file():
+        files = {"tokenizer.json": path.read_bytes()}
+        if (path.parent / "tokenizer_config.json").is_file():
+            files["tokenizer_config.json"] = (path.parent / "tokenizer_config.json").read_bytes()
+        return files, None
+    if path.is_dir():
+        folder = path
+    else:
+        repo_id, _, revision = name.partition("@")
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES))
+        except Exception as e:
+            raise DataError(f"{key}={name!r}: {without_token(hub_failure(e))}") from None
+        revision = folder.name  # the snapshot of a commit
     files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name in TOKENIZER_FILES}
     if not files:
-        raise DataError(f"data.tokenizer.name={name!r}: has none of {', '.join(TOKENIZER_FILES)}")
-    return files
+        raise DataError(f"{key}={name!r}: has none of {', '.join(TOKENIZER_FILES)}")
+    return files, revision
 
 
 def byte_tokenizer(max_seq_len: int) -> dict[str, bytes]:
@@ -813,24 +870,42 @@ def byte_tokenizer(max_seq_len: int) -> dict[str, bytes]:
             "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
+def row_text(tokenizer: str | None, max_seq_len: int):
+    """ids -> text, with the documents' ends shown, where data.tokenizer.name's tokenizer is at hand:
+    the byte tokenizer's (byte_text), or a tokenizer.json's with the tokenizers package (its
+    end-of-text token as written); else None."""
+    if tokenizer == "bytes":
+        return byte_text
+    try:
+        from tokenizers import Tokenizer
+        decoder = Tokenizer.from_str(tokenizer_files(tokenizer, max_seq_len)["tokenizer.json"].decode())
+    except Exception:  # no tokenizer, none at hand, none of that format: the ids are shown instead
+        return None
+    return lambda ids: decoder.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 def print_batch(config_path: str, overrides: list[str], step: int, out: str | None):
     config = load_config(config_path, overrides)
     seq_len, global_batch = config.model.max_seq_len, config.data.dataloader.batch_size
     start, count = rank_rows(step, global_batch, world_size=1, rank=0)  # one rank: the whole batch
     rows = training_rows(config).read(start, count)
-    byte_level = config.data.tokenizer.name == "bytes"
+    # the ids' own tokenizer where the corpus records it, else the one the run names
+    name = config.data.dataset.name
+    record = corpus_record(prepare_local(seq_len, config.data.seed) if name == EMBEDDED_CORPUS else Path(name))
+    decode = (record and row_text(record["tokenizer"].get("name"), seq_len)) or row_text(
+        config.data.tokenizer.name, seq_len)
     print(f"step {step}: rows {start:,} to {start + count - 1:,} of {config.data.dataset.name}, "
           f"{count} x {seq_len + 1} tokens")
     if out is None:
         for i, row in enumerate(rows):
-            shown = repr(byte_text(row)[:100]) if byte_level else " ".join(map(str, row[:16])) + " ..."
+            shown = repr(decode(row)[:100]) if decode else " ".join(map(str, row[:16])) + " ..."
             print(f"{start + i}: {shown}")
     elif out.endswith(".npy"):
         np.save(out, rows)
     elif out.endswith(".jsonl"):
         with open(out, "w") as f:
             for i, row in enumerate(rows):
-                text = {"text": byte_text(row)} if byte_level else {}
+                text = {"text": decode(row)} if decode else {}
                 f.write(json.dumps({"position": start + i, "input_ids": row.tolist(), **text}) + "\n")
     else:
         raise DataError(f"--out {out}: expected a file name ending in .npy or .jsonl")
@@ -838,10 +913,11 @@ def print_batch(config_path: str, overrides: list[str], step: int, out: str | No
 
 def verify(name: str, row_len: int | None = None, vocab_size: int | None = None) -> tuple[int, int]:
     """Read and check every shard of a local directory or Hub dataset repo (schema, row length,
-    token ids; for a repo also the equal row counts its reading assumes), printing the rows and
-    tokens of each. Returns (rows, tokens). row_len None: the first row's length."""
+    token ids; for a repo, the shards training reads, with the equal row counts its reading
+    assumes), printing the rows and tokens of each. Returns (rows, tokens). row_len None: the
+    first row's length."""
     vocab = vocab_size or np.iinfo(np.int64).max  # no vocabulary given: ids need only be >= 0
-    hub = HubShards(*repo, row_len, vocab) if (repo := hub_repo(name)) else None
+    hub = HubShards(*repo, row_len, vocab, split="train") if (repo := hub_repo(name)) else None
     files = hub.files if hub else list_shards(Path(name))
     total_rows, max_id = 0, -1
     for k, file in enumerate(files):
@@ -860,6 +936,8 @@ def verify(name: str, row_len: int | None = None, vocab_size: int | None = None)
 
 
 def main(argv=None):
+    import corpus  # `tokenize`'s, which builds on this module
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-local", help="build the embedded byte-level corpus")
@@ -881,8 +959,38 @@ def main(argv=None):
                        "tokens (default: the first row's length)")
     check.add_argument("--vocab-size", type=int, help="model.vocab_size: ids must be below it "
                        "(default: only checked to be non-negative)")
+    text = sub.add_parser("tokenize", help="text in, a corpus of pre-tokenized shards out (docs/corpus.md)",
+                          description="Tokenizes documents, joins them with the end-of-text id, packs them into "
+                          "rows of seq_len + 1 ids, holds some documents out, shuffles the rows and writes "
+                          "OUT/data/train-*.parquet, OUT/data/val-*.parquet and OUT/corpus.json, the record of "
+                          "what made them. Same inputs and settings, same bytes, whatever --workers.")
+    text.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="a file or folder of text (a document per file, or per line with --lines); JSONL "
+                      "(.jsonl, .json); Parquet; .gz of text or JSONL; or a Hub dataset repo "
+                      "(namespace/name[@revision]; offline from the cache with HF_HUB_OFFLINE=1)")
+    text.add_argument("--tokenizer", required=True, help="'bytes' (byte b is id b, end-of-text 256), a "
+                      "tokenizer.json (or its folder), or a Hub model repo (namespace/name[@revision])")
+    text.add_argument("--seq-len", type=int, required=True, help="model.max_seq_len: rows of seq_len + 1 ids")
+    text.add_argument("--out", required=True, help="a new or empty folder")
+    text.add_argument("--lines", action="store_true", help="a document per line of a text file (blank "
+                      "lines are none), not per file")
+    text.add_argument("--text-field", default="text", help="JSONL's field, Parquet's column of the text")
+    text.add_argument("--hub-files", action="append", metavar="GLOB", help="a Hub repo's files to read, "
+                      f"once per pattern (default: {' '.join(corpus.HUB_TEXT_FILES)})")
+    text.add_argument("--eod", help="the end-of-text token or id (default: the tokenizer's eos_token, else "
+                      f"{' or '.join(corpus.END_OF_TEXT_TOKENS)})")
+    text.add_argument("--val-fraction", type=float, default=0.01,
+                      help="the share of documents held out in val-*, chosen by --seed (default 0.01)")
+    text.add_argument("--seed", type=int, default=0, help="the held-out documents and the row shuffle")
+    text.add_argument("--no-shuffle", action="store_true", help="rows in input order (a curriculum)")
+    text.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(
+                      os, "sched_getaffinity") else os.cpu_count(), help="processes that run a tokenizer.json "
+                      "(default: every core; the byte tokenizer needs none)")
+    text.add_argument("--push-to", metavar="REPO", help="then upload the corpus to this Hub dataset repo")
     args, overrides = parser.parse_known_args(argv)
-    for flag, low in (("step", 0), ("seed", 0), ("seq_len", 1), ("vocab_size", 1)):  # counts, positions
+    if args.command == "tokenize" and not 0 <= args.val_fraction <= 1:
+        parser.error(f"--val-fraction {args.val_fraction}: expected a share between 0 and 1")
+    for flag, low in (("step", 0), ("seed", 0), ("seq_len", 1), ("vocab_size", 1), ("workers", 1)):
         if getattr(args, flag, None) is not None and getattr(args, flag) < low:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a "
                          f"{'non-negative' if low == 0 else 'positive'} integer")
@@ -891,15 +999,19 @@ def main(argv=None):
     elif overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.command == "prepare-local":
-        out = prepare_local(args.seq_len, args.seed)
-        for split in ("train", "val"):
-            verify(str(out / split), args.seq_len + 1, BYTE_VOCAB_SIZE)
+        verify(str(prepare_local(args.seq_len, args.seed)), args.seq_len + 1, BYTE_VOCAB_SIZE)
+    if args.command == "tokenize":
+        corpus.tokenize(args)
     if args.command == "verify":
         verify(args.dataset, args.seq_len + 1 if args.seq_len else None, args.vocab_size)
 
 
 if __name__ == "__main__":
+    # As the module `data` that corpus.py imports, not as this script's second copy of it: so that
+    # the DataError it raises is the one caught here.
+    import data
+
     try:
-        main()
-    except (DataError, ConfigError) as e:
+        data.main()
+    except (data.DataError, ConfigError) as e:
         sys.exit(f"error: {e}")

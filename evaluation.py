@@ -616,7 +616,8 @@ def python_syntax_pairs(seq_len: int, seed: int, per_corruption: int = 200) -> d
     return`). Only lines with no string or comment (where a word or a bracket could be text)
     that Python parses alone or as a block's head, and only corruptions that it then refuses.
     Seeded by data.seed, as the corpus is: the same pairs for every run of the same corpus."""
-    held_out = data.list_shards(data.prepare_local(seq_len, seed) / "val")
+    corpus = data.prepare_local(seq_len, seed)
+    held_out = data.split_files(data.list_shards(corpus), "val", corpus)
     rows = [row for path in held_out for row in data.read_rows(path, seq_len + 1, data.BYTE_VOCAB_SIZE)[0]]
     lines = []
     for row in rows:

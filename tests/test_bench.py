@@ -141,3 +141,12 @@ def test_a_cpu_op_takes_the_class_of_its_outermost_caller_that_has_one():
     classes = {(event.name, bench.op_class(event)) for event in profiler.events()}
     assert ("aten::lerp_", "optimizer") in classes  # under Optimizer.step
     assert ("aten::t", "matmul") in classes  # the weight's transpose, under aten::linear
+
+
+def test_tokenize_mode_compares_the_command_with_tokenizers_own_batch_encoding():
+    result = subprocess.run([sys.executable, "bench.py", "--tokenize", "--text-mb", "0.1", "--rounds", "1",
+                             "--memory-mb", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    reference, pico = table_rows(result.stdout, "| run | tokens/s |")
+    assert reference[0].startswith("tokenizers' encode_batch") and reference[2] == "1"
+    assert pico[0].startswith("data.py tokenize") and float(pico[2]) > 0

@@ -261,8 +261,9 @@ def test_embedded_corpus_has_train_and_val_splits_of_byte_token_rows(corpus_buil
     corpus = corpus_builds[0]
     n_rows = {}
     for split in ("train", "val"):
-        column = pa.concat_tables(pq.read_table(p) for p in data.list_shards(corpus / split)
-                                  ).column(data.COLUMN)
+        files = data.split_files(data.list_shards(corpus), split, corpus)
+        assert all(p.name.startswith(f"{split}-") for p in files)
+        column = pa.concat_tables(pq.read_table(p) for p in files).column(data.COLUMN)
         n_rows[split] = len(column)
         assert pc.all(pc.equal(pc.list_value_length(column), SEQ_LEN + 1)).as_py()
         tokens = pc.list_flatten(column)
@@ -275,9 +276,9 @@ def test_embedded_corpus_has_train_and_val_splits_of_byte_token_rows(corpus_buil
 
 def test_open_dataset_of_the_embedded_corpus_reads_its_train_split(corpus_builds, monkeypatch):
     corpus = corpus_builds[0]
-    monkeypatch.setattr(data, "CORPUS_ROOT", corpus.parent)  # already built: not rebuilt
+    monkeypatch.setattr(data, "CORPUS_ROOT", corpus.parent.parent)  # already built: not rebuilt
     shards = data.open_dataset(data.EMBEDDED_CORPUS, SEQ_LEN + 1, data.BYTE_VOCAB_SIZE)
-    assert shards.files == data.list_shards(corpus / "train")
+    assert shards.files == sorted((corpus / "data").glob("train-*.parquet"))
     assert shards.read(0, 2).shape == (2, SEQ_LEN + 1)
 
 
