@@ -21,6 +21,8 @@ The result depends on neither the number of workers nor the size of the chunks. 
 chunks in flight (workers x 2 x CHUNK_CHARS of text and their ids), one row group, and the
 permutation (8 bytes a row); and a whole document when a tokenizer.json encodes it (the byte
 tokenizer reads a long one in pieces). Disk: the temporary rows, 4 bytes a token.
+
+Machinery, off the reading path: it serves data.py, whose shards it makes.
 """
 
 import codecs
