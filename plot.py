@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from checkpoint import step_directories
+from config import flat
 from records import EVALUATION
 
 # Where a run is kept, not what it is: its name already says it, so no legend lists them
@@ -115,11 +116,7 @@ def read_config(run_dir: Path) -> dict | None:
     if not isinstance(config, dict):
         raise SystemExit(f"error: {path}: holds {type(config).__name__}; expected the run's resolved config, "
                          f"a mapping of its six sections")
-
-    def flat(mapping, prefix):
-        for key, value in mapping.items():
-            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
-    return dict(flat(config, ""))
+    return flat(config)
 
 
 def read_runs(run_dirs: list[Path]) -> list[Run]:
