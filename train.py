@@ -17,7 +17,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import logging
 import math
 import os
 import secrets
@@ -836,11 +835,7 @@ if __name__ == "__main__":
         # the first shard, compiling), with nothing trained, or after it (the last uploads' wait)
         print("interrupted (Ctrl-C) outside the training steps: every checkpoint on disk is complete; "
               "re-run the same command to start or resume", file=sys.stderr)
-        # At once, not sys.exit: Python joins non-daemon threads at exit, and a download that
-        # huggingface_hub runs in its thread pool, stalled on the network, would never end
-        logging.shutdown()
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(130)
+        sys.exit(130)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
